@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Idempotent set-up: .venv with CPU torch (unless CUDA is present) and moekit installed editable with its dev extra.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+[ -x "$PY" ] || python3 -m venv .venv
+stamp=".venv/.moekit-$(cat pyproject.toml | sha1sum | cut -c1-12)"
+[ -f "$stamp" ] && exit 0
+pip() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        pip torch
+    else
+        # A plain `torch` requirement would pull the multi-GB CUDA build: install the CPU build first.
+        pip torch==2.13.0 || pip torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    fi
+fi
+pip -e ".[dev]"
+rm -f .venv/.moekit-*
+touch "$stamp"
+echo "moekit set up in .venv"
