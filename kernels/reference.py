@@ -1,0 +1,51 @@
+"""The routed layer's ops in pure PyTorch: the CPU path and the oracle every fast path is tested against.
+
+T tokens, k copies per token, E experts, H hidden, F expert width, M = T*k token copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def routing_metadata(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """expert_ids [T, k] -> order [M] (flat copy index, grouped by expert, stable), counts [E], offsets [E] int32.
+
+    offsets[e] is the end of expert e's rows in the sorted copies (a cumulative sum, as grouped_mm takes)."""
+    flat = expert_ids.reshape(-1)  # [M]
+    order = torch.argsort(flat, stable=True)  # [M]
+    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    return order, counts, counts.cumsum(0).to(torch.int32)
+
+
+def permute(x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
+    """x [T, H] -> x_sorted [M, H]: the token row of each copy, in expert order."""
+    return x.index_select(0, order // top_k)
+
+
+def grouped_mm(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x_sorted [M, in], weight [E, out, in], offsets [E] -> [M, out]: rows of expert e times weight[e]^T."""
+    if x_sorted.shape[0] == 0:
+        return x_sorted.new_zeros(0, weight.shape[1])
+    return F.grouped_mm(x_sorted, weight.transpose(-2, -1), offs=offsets)
+
+
+def grouped_mm_loop(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The same product, one matmul per expert: the readable oracle."""
+    out, start = [], 0
+    for e, end in enumerate(offsets.tolist()):
+        out.append(x_sorted[start:end] @ weight[e].T)
+        start = end
+    return torch.cat(out) if out else x_sorted.new_zeros(0, weight.shape[1])
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def unpermute(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """y_sorted [M, H] (expert order), weights [T, k] -> y [T, H] = sum over the k copies of weight * row."""
+    T, k = weights.shape
+    y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)  # back to copy order [M, H]
+    return (y.view(T, k, -1) * weights.to(y.dtype)[..., None]).sum(1)

@@ -1,0 +1,281 @@
+"""The dense Llama decoder, in plain PyTorch modules whose parameter names are Hugging Face's.
+
+Shapes: B batch, S new tokens, L cached + new tokens, H hidden, N query heads, K key/value heads,
+D head dim, F FFN width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import AtomicDir, CheckpointReader, dtype_from_name, save_state_dict, write_json
+from .config import LlamaConfig
+from .errors import CheckpointError
+from .rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()  # the statistics in fp32, whatever the activation dtype
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [B, K, max_len, D] each."""
+
+    def __init__(self, config: LlamaConfig, batch: int, max_len: int, dtype, device):
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.length = 0  # tokens already stored (host-side; advanced by the model after each forward)
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, K, S, D] after the cached tokens; return all keys/values [B, K, L, D]."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} requested")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        bias, H, D = config.attention_bias, config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(H, self.n_heads * D, bias=bias)
+        self.k_proj = nn.Linear(H, self.n_kv * D, bias=bias)
+        self.v_proj = nn.Linear(H, self.n_kv * D, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * D, H, bias=bias)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, N, S, D]
+        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # [B, K, S, D]
+        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # [B, K, S, D]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [B, K, L, D]
+        if self.n_kv != self.n_heads:  # GQA / MQA: each key/value head serves N/K query heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)  # [B, N, L, D]
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        causal = mask is None and S > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # [B, N, S, D]
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig, intermediate_size: int | None = None):
+        super().__init__()
+        H, Fd, bias = config.hidden_size, intermediate_size or config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(H, Fd, bias=bias)
+        self.up_proj = nn.Linear(H, Fd, bias=bias)
+        self.down_proj = nn.Linear(Fd, H, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block. `mlp` is any feed-forward module; it returns y, or (y, aux) where aux is passed up."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int, mlp: nn.Module):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        out = self.mlp(self.post_attention_layernorm(x))
+        out, aux = out if isinstance(out, tuple) else (out, None)
+        return x + out, aux
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm: HF's `model.*` parameter names."""
+
+    def __init__(self, config: LlamaConfig, make_mlp: Callable[[int], nn.Module]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, make_mlp(i)) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None):
+        B, S = input_ids.shape
+        past = cache.length if cache is not None else 0
+        positions = torch.arange(past, past + S, device=input_ids.device).expand(B, S)  # [B, S]
+        x = self.embed_tokens(input_ids)  # [B, S, H]
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        mask = attention_bias_mask(S, past, attention_mask, input_ids.device)
+        aux = []
+        for layer in self.layers:
+            x, a = layer(x, cos, sin, mask, cache)
+            aux.append(a)
+        if cache is not None:
+            cache.length += S
+        return self.norm(x), aux
+
+
+def attention_bias_mask(S: int, past: int, attention_mask, device) -> torch.Tensor | None:
+    """Boolean mask [B|1, 1, S, past+S] (True = attend), or None when plain causal attention suffices."""
+    if attention_mask is None and (past == 0 or S == 1):
+        return None  # SDPA's is_causal (S > 1) or no mask at all (one new token sees everything)
+    L = past + S
+    q_pos = torch.arange(past, L, device=device)[:, None]
+    mask = (torch.arange(L, device=device)[None, :] <= q_pos)[None, None]  # [1, 1, S, L]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :L].bool()
+        mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows: attend anywhere, not NaN
+    return mask
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, S, V]
+    loss: torch.Tensor | None = None
+    aux: list[Any] = field(default_factory=list)  # per layer: what its feed-forward module returned beside y
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32: logits[:, t] predicts labels[:, t+1]."""
+    V = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), labels[:, 1:].reshape(-1),
+                           ignore_index=ignore_index)
+
+
+class Llama(nn.Module):
+    """Causal LM: `model` (embeddings, layers, norm) and `lm_head`, as in transformers' LlamaForCausalLM.
+
+    Subclasses change the feed-forward of a layer by overriding `make_mlp`, and the on-disk tensor names
+    by overriding `checkpoint_tensors` / `load_checkpoint_tensors` (see moe/)."""
+
+    config_class = LlamaConfig
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, self.make_mlp)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    def make_mlp(self, layer_idx: int) -> nn.Module:
+        return MLP(self.config)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, cache: KVCache | None = None) -> CausalLMOutput:
+        """input_ids [B, S] (and attention_mask [B, L] of 1/0, labels [B, S] with -100 ignored)."""
+        h, aux = self.model(input_ids, attention_mask, cache)  # [B, S, H]
+        logits = self.lm_head(h)  # [B, S, V]
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits=logits, loss=loss, aux=aux)
+
+    def num_parameters(self) -> int:
+        """Parameters, tied weights counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch, max_len, p.dtype, p.device)
+
+    def generate(self, input_ids, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def checkpoint_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs as the checkpoint stores them, in order; a tied lm_head is not stored."""
+        for name, t in self.state_dict().items():
+            if not (name == "lm_head.weight" and self.config.tie_word_embeddings):
+                yield name, t
+
+    def load_checkpoint_tensors(self, reader: CheckpointReader, dtype=None) -> dict[str, torch.Tensor]:
+        """The state dict read from `reader`, tensor by tensor, checked against this model's shapes."""
+        return load_matching(self, reader, dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | str | None = None, device=None):
+        """Load a Hugging Face checkpoint directory (safetensors, one or many shards)."""
+        dtype = dtype_from_name(dtype)
+        with CheckpointReader(path) as reader:
+            config = cls.config_class.from_dict(reader.config, source=os.path.join(str(path), "config.json"))
+            with torch.device("meta"):
+                model = cls(config)
+            state = model.load_checkpoint_tensors(reader, dtype)
+        device = torch.device(device or "cpu")
+        model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.model.rotary_emb.reset(device)
+        return model.eval()
+
+    def save_pretrained(self, path, max_shard_size: int | str = "5GB", force: bool = False,
+                        dtype: torch.dtype | str | None = None) -> None:
+        """Write config.json and safetensors shards atomically (existing `path` needs force=True)."""
+        dtype = dtype_from_name(dtype)
+        tensors = dict(self.checkpoint_tensors())
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        stored = next(t.dtype for t in tensors.values() if t.is_floating_point())
+        config = self.checkpoint_config(stored)
+        with AtomicDir(path, force) as tmp:
+            write_json(os.path.join(tmp, "config.json"), config)
+            save_state_dict(tmp, tensors, max_shard_size)
+
+    def checkpoint_config(self, dtype: torch.dtype) -> dict:
+        d = self.config.to_dict()
+        d.setdefault("architectures", ["LlamaForCausalLM"])
+        d["torch_dtype"] = str(dtype).removeprefix("torch.")
+        return d
+
+
+def load_matching(model: nn.Module, reader: CheckpointReader, dtype=None,
+                  rename: Callable[[str], str] = lambda n: n) -> dict[str, torch.Tensor]:
+    """Read every tensor `model` expects (under `rename(name)` on disk), checking shapes; refuse extras."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    wanted = {rename(k): k for k in expected}
+    for name in reader.names():
+        if name not in wanted and not name.endswith("rotary_emb.inv_freq") and not (tied and name == "lm_head.weight"):
+            raise CheckpointError(f"{reader.path}: unexpected tensor '{name}' for a {model.config.model_type} "
+                                  f"model of this config")
+    state = {}
+    for disk, name in wanted.items():
+        if disk not in reader:
+            raise CheckpointError(f"{reader.path}: tensor '{disk}' is missing")
+        shape, want = reader.shape(disk), tuple(expected[name].shape)
+        if shape != want:
+            raise CheckpointError(f"{reader.path}: tensor '{disk}' has shape {list(shape)}, "
+                                  f"expected {list(want)} from config.json")
+        t = reader.get(disk)
+        state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return state

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from llama import Llama, LlamaConfig
+from tests.conftest import hf_llama
+
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
+
+
+def tiny(**kw):
+    base = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                max_position_embeddings=64, rms_norm_eps=1e-5)
+    return LlamaConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kv_heads", [6, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("rope", [None, LLAMA3_ROPE], ids=["rope", "llama3-rope"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_matches_transformers_logits_loss_grads(kv_heads, rope, tied):
+    cfg = tiny(num_key_value_heads=kv_heads, rope_scaling=rope, rope_theta=500000.0 if rope else 10000.0,
+               tie_word_embeddings=tied)
+    ours = Llama(cfg)
+    hf = hf_llama(ours)
+    ids = torch.randint(0, cfg.vocab_size, (2, 37))
+    out = ours(ids, labels=ids)
+    ref = hf(input_ids=ids, labels=ids)
+    assert (out.logits - ref.logits).abs().max().item() <= 1e-5
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-6
+    out.loss.backward()
+    ref.loss.backward()
+    hf_params = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        assert (p.grad - hf_params[name].grad).abs().max().item() <= 1e-5, name
+
+
+def test_attention_bias_and_mlp_bias_match_transformers():
+    ours = Llama(tiny(num_key_value_heads=3, attention_bias=True, mlp_bias=True, head_dim=12))
+    for name, p in ours.named_parameters():
+        if name.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, 97, (1, 11))
+    assert (ours(ids).logits - hf_llama(ours)(input_ids=ids).logits).abs().max().item() <= 1e-5
+
+
+def test_padded_attention_mask_matches_transformers():
+    ours = Llama(tiny(num_key_value_heads=2))
+    ids = torch.randint(0, 97, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0  # right padding
+    a, b = ours(ids, attention_mask=mask).logits, hf_llama(ours)(input_ids=ids, attention_mask=mask).logits
+    assert (a[0] - b[0]).abs().max() <= 1e-5 and (a[1, :6] - b[1, :6]).abs().max() <= 1e-5
+
+
+def test_rmsnorm_statistics_in_fp32():
+    from llama import RMSNorm
+
+    x = (torch.randn(4, 64) * 300).to(torch.bfloat16)
+    y = RMSNorm(64).to(torch.bfloat16)(x)
+    ref = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
+
+
+def test_cached_generation_equals_uncached_greedy():
+    model = Llama(tiny(num_key_value_heads=2)).eval()
+    prompt = torch.randint(0, 97, (3, 5))
+    cached = model.generate(prompt, max_new_tokens=12)
+    uncached = model.generate(prompt, max_new_tokens=12, use_cache=False)
+    assert cached.shape == (3, 17)
+    assert torch.equal(cached, uncached)
+    # and greedy really is the argmax of a full forward at each step
+    for t in range(5, 17):
+        assert torch.equal(model(cached[:, :t]).logits[:, -1].argmax(-1), cached[:, t])
+
+
+def test_stop_tokens_and_sampling():
+    model = Llama(tiny()).eval()
+    prompt = torch.randint(0, 97, (2, 4))
+    greedy = model.generate(prompt, max_new_tokens=10)
+    stop = int(greedy[0, 6])  # the third generated token of row 0
+    out = model.generate(prompt, max_new_tokens=10, stop_tokens=[stop])
+    assert out[0, 6] == stop and out.shape[1] <= 14
+    assert torch.equal(out[0, :7], greedy[0, :7])
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    s1 = model.generate(prompt, 8, temperature=0.8, top_k=20, top_p=0.9, generator=g1)
+    s2 = model.generate(prompt, 8, temperature=0.8, top_k=20, top_p=0.9, generator=g2)
+    assert torch.equal(s1, s2) and s1.shape == (2, 12)
+
+
+def test_top_k_one_is_greedy():
+    from llama.generate import sample
+
+    logits = torch.randn(5, 50)
+    assert torch.equal(sample(logits, temperature=1.0, top_k=1), logits.argmax(-1))
+    assert torch.equal(sample(logits, temperature=1.0, top_p=1e-9), logits.argmax(-1))
