@@ -9,6 +9,6 @@
 package named `kernels` (HF's kernel hub); tests check it does not mistake this one for it.
 """
 
-from .reference import grouped_mm, grouped_mm_loop, permute, routing_metadata, swiglu, unpermute
+from .reference import grouped_mm, grouped_mm_loop, permute, routing_metadata, swiglu, swiglu_experts, unpermute
 
-__all__ = ["grouped_mm", "grouped_mm_loop", "permute", "routing_metadata", "swiglu", "unpermute"]
+__all__ = ["grouped_mm", "grouped_mm_loop", "permute", "routing_metadata", "swiglu", "swiglu_experts", "unpermute"]

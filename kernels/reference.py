@@ -49,3 +49,14 @@ def unpermute(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor
     T, k = weights.shape
     y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)  # back to copy order [M, H]
     return (y.view(T, k, -1) * weights.to(y.dtype)[..., None]).sum(1)
+
+
+def swiglu_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up_proj: torch.Tensor,
+                   down_proj: torch.Tensor) -> torch.Tensor:
+    """The whole routed SwiGLU: x [T, H], weights/expert_ids [T, k], gate_up_proj [E, 2F, H] (gate rows, then up),
+    down_proj [E, H, F] -> y [T, H] = sum_j weights[:, j] * down(silu(gate(x)) * up(x)) of expert expert_ids[:, j]."""
+    E, k = gate_up_proj.shape[0], expert_ids.shape[1]
+    order, _, offsets = routing_metadata(expert_ids, E)
+    h = grouped_mm(permute(x, order, k), gate_up_proj, offsets)  # [M, 2F]
+    gate, up = h.chunk(2, dim=-1)
+    return unpermute(grouped_mm(swiglu(gate, up), down_proj, offsets), order, weights)
