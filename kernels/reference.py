@@ -28,7 +28,15 @@ def grouped_mm(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tens
     """x_sorted [M, in], weight [E, out, in], offsets [E] -> [M, out]: rows of expert e times weight[e]^T."""
     if x_sorted.shape[0] == 0:
         return x_sorted.new_zeros(0, weight.shape[1])
-    return F.grouped_mm(x_sorted, weight.transpose(-2, -1), offs=offsets)
+    w_t = weight.transpose(-2, -1)  # [E, in, out]
+    if not (_aligned(x_sorted) and _aligned(w_t)):  # torch's grouped_mm needs 16-byte aligned strides
+        return grouped_mm_loop(x_sorted, weight, offsets)
+    return F.grouped_mm(x_sorted, w_t, offs=offsets)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s, n in zip(t.stride(), t.shape) if n > 1 and s != 1)
 
 
 def grouped_mm_loop(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
