@@ -1,0 +1,186 @@
+"""MoEConfig: LlamaConfig plus the routed-expert fields, under Hugging Face's names (Mixtral, Qwen2-MoE, DeepSeek).
+
+Which layers are MoE: every layer by default; `decoder_sparse_step` n keeps only layers with (i+1) % n == 0;
+`mlp_only_layers` lists dense layers; `first_k_dense_replace` k makes layers 0..k-1 dense.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from llama.config import LLAMA_PRESETS, LlamaConfig
+from llama.errors import ConfigError
+
+ROUTER_SCORES = ("softmax", "sigmoid")
+
+# Defaults transformers applies to fields a hand-written config.json may leave out (real ones list them all).
+_HF_DEFAULTS = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, num_key_value_heads=8, rms_norm_eps=1e-5,
+                    max_position_embeddings=131072, router_aux_loss_coef=0.001, norm_topk_prob=True),
+    "qwen2_moe": dict(num_local_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                      shared_expert_intermediate_size=5632, norm_topk_prob=False, qkv_bias=True,
+                      rms_norm_eps=1e-6, max_position_embeddings=32768, router_aux_loss_coef=0.001,
+                      decoder_sparse_step=1, mlp_only_layers=[], bos_token_id=None, eos_token_id=None),
+}
+_HF_ROPE_THETA = {"mixtral": 1e6, "qwen2_moe": 10000.0}
+
+
+@dataclass
+class MoEConfig(LlamaConfig):
+    num_local_experts: int = 8  # E (Qwen2-MoE's config.json calls it num_experts)
+    num_experts_per_tok: int = 2  # k
+    moe_intermediate_size: int | None = None  # F of one expert; None: = intermediate_size
+    num_shared_experts: int = 0  # experts every token goes through, fused into one MLP
+    shared_expert_intermediate_size: int = 0  # width of that MLP; 0 with shared experts: = n * F
+    shared_expert_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(x @ w), w [1, H]
+    router_score: str = "softmax"  # softmax (Mixtral, Qwen) | sigmoid (DeepSeek-V3)
+    norm_topk_prob: bool = True  # renormalise the k weights to sum to 1 (Mixtral: always)
+    router_jitter_noise: float = 0.0  # multiplicative noise on the router input, training only
+    capacity_factor: float | None = None  # None: dropless; else each expert takes ceil(cf * T * k / E) copies
+    router_aux_loss_coef: float = 0.001  # load-balancing loss weight (Switch / Mixtral)
+    router_z_loss_coef: float = 0.0  # router z-loss weight (ST-MoE)
+    router_bias_update_rate: float = 0.0  # auxiliary-loss-free balancing step (DeepSeek-V3); 0 = off
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    first_k_dense_replace: int = 0
+    qkv_bias: bool | None = None  # biases on q/k/v only (Qwen2); None: = attention_bias
+    model_type: str = "moe"
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("moe", "mixtral", "qwen2_moe")
+
+    def __post_init__(self):
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        if self.num_shared_experts and not self.shared_expert_intermediate_size:
+            self.shared_expert_intermediate_size = self.num_shared_experts * self.moe_intermediate_size
+        if self.shared_expert_intermediate_size and not self.num_shared_experts:
+            self.num_shared_experts = 1
+        self.mlp_only_layers = list(self.mlp_only_layers or [])
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        E, k, L = self.num_local_experts, self.num_experts_per_tok, self.num_hidden_layers
+        for name in ("num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"config field '{name}' must be a positive integer, got {v!r}")
+        if k > E:
+            raise ConfigError(f"num_experts_per_tok ({k}) must be at most num_local_experts ({E})")
+        for name in ("num_shared_experts", "shared_expert_intermediate_size", "first_k_dense_replace"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"config field '{name}' must be a non-negative integer, got {v!r}")
+        if self.shared_expert_gate and not self.shared_expert_intermediate_size:
+            raise ConfigError("shared_expert_gate is set but there is no shared expert "
+                              "(num_shared_experts and shared_expert_intermediate_size are 0)")
+        if self.router_score not in ROUTER_SCORES:
+            raise ConfigError(f"router_score '{self.router_score}' is not supported; expected one of {ROUTER_SCORES}")
+        cf = self.capacity_factor
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not cf > 0):
+            raise ConfigError(f"capacity_factor must be None (dropless) or a number > 0, got {cf!r}")
+        for name in ("router_jitter_noise", "router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ConfigError(f"config field '{name}' must be a number >= 0, got {v!r}")
+        if self.router_jitter_noise >= 1:
+            raise ConfigError(f"router_jitter_noise must be below 1, got {self.router_jitter_noise}")
+        if not isinstance(self.mlp_only_layers, list):
+            raise ConfigError(f"mlp_only_layers must be a list of layer indices, got {self.mlp_only_layers!r}")
+        for i in self.mlp_only_layers:
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < L:
+                raise ConfigError(f"mlp_only_layers entry {i!r} is not a layer index in [0, {L})")
+        if self.first_k_dense_replace > L:
+            raise ConfigError(f"first_k_dense_replace ({self.first_k_dense_replace}) exceeds num_hidden_layers ({L})")
+        if self.qkv_bias is not None and not isinstance(self.qkv_bias, bool):
+            raise ConfigError(f"qkv_bias must be true, false or null, got {self.qkv_bias!r}")
+
+    # ---- layout -------------------------------------------------------------------------------
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether decoder layer i has a routed feed-forward (else llama's dense MLP)."""
+        if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers:
+            raise ConfigError(f"layer index {i!r} is out of range [0, {self.num_hidden_layers})")
+        return (i not in self.mlp_only_layers and i >= self.first_k_dense_replace
+                and (i + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    @property
+    def has_shared_expert(self) -> bool:
+        return self.shared_expert_intermediate_size > 0
+
+    @property
+    def attention_qkv_bias(self) -> bool:
+        return self.attention_bias if self.qkv_bias is None else self.qkv_bias
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Token copies one expert accepts for `num_tokens` tokens (None: dropless)."""
+        if self.capacity_factor is None:
+            return None
+        return max(1, math.ceil(self.capacity_factor * num_tokens * self.num_experts_per_tok
+                                / self.num_local_experts))
+
+    # ---- (de)serialisation --------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> MoEConfig:
+        """Our own configs, and Hugging Face config.json files of model_type mixtral and qwen2_moe."""
+        d = dict(d)
+        mt = d.get("model_type", "moe")
+        if mt == "qwen2_moe":
+            if "num_experts" in d:
+                d["num_local_experts"] = d.pop("num_experts")
+            if d.get("use_sliding_window"):
+                raise ConfigError(f"{source}: use_sliding_window is true; moekit has no sliding-window attention")
+        if mt == "mixtral" and d.get("sliding_window") not in (None, 0):
+            if d["sliding_window"] < d.get("max_position_embeddings", _HF_DEFAULTS["mixtral"]
+                                           ["max_position_embeddings"]):
+                raise ConfigError(f"{source}: sliding_window {d['sliding_window']} is set; moekit has no "
+                                  "sliding-window attention")
+        if mt in _HF_DEFAULTS:
+            for k, v in _HF_DEFAULTS[mt].items():
+                d.setdefault(k, v)
+            if "rope_theta" not in d and not isinstance(d.get("rope_parameters"), dict):
+                d["rope_theta"] = _HF_ROPE_THETA[mt]
+        if mt == "qwen2_moe" and "shared_expert_gate" not in d:
+            d["shared_expert_gate"] = d["shared_expert_intermediate_size"] > 0  # Qwen2-MoE always gates it
+        return super().from_dict(d, source)  # type: ignore[return-value]
+
+    @classmethod
+    def from_dense(cls, dense: LlamaConfig, **moe_fields) -> MoEConfig:
+        """The MoE config of a dense Llama config (e.g. for upcycling): same core, experts as given."""
+        core = {k: getattr(dense, k) for k in LlamaConfig.field_names() if k != "model_type"}
+        return cls(**core, **moe_fields)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> MoEConfig:
+        key = name.lower()
+        if key not in MOE_PRESETS:
+            raise ConfigError(f"unknown MoE preset '{name}'; expected one of {sorted(MOE_PRESETS)}")
+        return cls(**{**MOE_PRESETS[key], **overrides})
+
+
+_TINY = {k: v for k, v in LLAMA_PRESETS["tiny"].items()}
+MOE_PRESETS: dict[str, dict] = {
+    # mistralai/Mixtral-8x7B-v0.1 config.json
+    "mixtral-8x7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                         rms_norm_eps=1e-5, rope_theta=1e6, num_local_experts=8, num_experts_per_tok=2,
+                         router_aux_loss_coef=0.02, bos_token_id=1, eos_token_id=2, model_type="mixtral"),
+    # Qwen/Qwen1.5-MoE-A2.7B config.json (4 shared experts fused into one 5632-wide gated MLP)
+    "qwen1.5-moe-a2.7b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                              num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=8192,
+                              rms_norm_eps=1e-6, rope_theta=1e6, num_local_experts=60, num_experts_per_tok=4,
+                              moe_intermediate_size=1408, num_shared_experts=4, shared_expert_intermediate_size=5632,
+                              shared_expert_gate=True, norm_topk_prob=False, qkv_bias=True,
+                              bos_token_id=151643, eos_token_id=151643, model_type="qwen2_moe"),
+    # Tiny models for tests and the demo: the llama "tiny" core with 4 experts, top-2.
+    "tiny-moe": dict(_TINY, num_local_experts=4, num_experts_per_tok=2),
+    "tiny-moe-shared": dict(_TINY, num_hidden_layers=3, num_local_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=64, num_shared_experts=1, shared_expert_gate=True,
+                            mlp_only_layers=[0]),
+    "tiny-moe-8x2": dict(_TINY, num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=88),
+}
