@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -38,6 +39,7 @@ class LlamaConfig:
     extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, kept verbatim
     # Key order and rope style of the config.json this was read from, for an exact round-trip.
     _source_keys: list | None = field(default=None, repr=False, compare=False)
+    _source_values: dict | None = field(default=None, repr=False, compare=False)
     _rope_style: str = field(default="rope_scaling", repr=False, compare=False)
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("llama",)
@@ -108,6 +110,7 @@ class LlamaConfig:
                 raise ConfigError(f"{source}: required field '{k}' is missing")
         try:
             cfg = cls(**kwargs, extra=extra, _source_keys=list(d), _rope_style=style)
+            cfg._source_values = copy.deepcopy({k: getattr(cfg, k) for k in cls.field_names()})
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
         except TypeError as e:
@@ -127,16 +130,10 @@ class LlamaConfig:
         if keys is None:  # a config we built: write every field
             return values
         out = {k: values[k] for k in keys if k in values}
-        for k, v in values.items():  # fields changed since loading
-            if k not in out and v != self._default(k):
+        for k, v in values.items():  # fields set since loading
+            if k not in out and v != self._source_values.get(k):
                 out[k] = v
         return out
-
-    def _default(self, name: str):
-        for f in dataclasses.fields(self):
-            if f.name == name:
-                return f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        return None
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
