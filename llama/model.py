@@ -59,9 +59,11 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         bias, H, D = config.attention_bias, config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(H, self.n_heads * D, bias=bias)
-        self.k_proj = nn.Linear(H, self.n_kv * D, bias=bias)
-        self.v_proj = nn.Linear(H, self.n_kv * D, bias=bias)
+        qkv_bias = getattr(config, "qkv_bias", None)  # Qwen2: biases on q/k/v only (None: = attention_bias)
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        self.q_proj = nn.Linear(H, self.n_heads * D, bias=qkv_bias)
+        self.k_proj = nn.Linear(H, self.n_kv * D, bias=qkv_bias)
+        self.v_proj = nn.Linear(H, self.n_kv * D, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=bias)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):

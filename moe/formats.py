@@ -14,7 +14,13 @@ without building a model; `to_disk` / `from_disk` turn a whole in-memory state d
 
 from __future__ import annotations
 
-from llama.errors import ConfigError
+import re
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+from llama.errors import CheckpointError, ConfigError
 
 from .config import MoEConfig
 
@@ -151,3 +157,105 @@ def shared_expert_names(format: str, layer: int) -> dict[str, str]:
 def dense_mlp_names(layer: int) -> dict[str, str]:
     """{"gate", "up", "down"}: a dense layer's MLP, llama names (both formats)."""
     return {role: f"model.layers.{layer}.mlp.{role}_proj.weight" for role in ("gate", "up", "down")}
+
+
+# ---- whole state dicts ------------------------------------------------------------------------------
+
+_MOE_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.(.+)")
+
+
+def to_disk(config: MoEConfig, format: str, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """In-memory (name, tensor) pairs -> disk pairs of `format`, experts split into per-expert [F, H] / [H, F] views.
+
+    A nonzero auxiliary-loss-free router bias is written under DeepSeek-V3's name with a warning: neither format
+    reads it, so transformers would route without it."""
+    format = choose_format(config, format)
+    for name, t in state.items():
+        m = _MOE_KEY.fullmatch(name)
+        if not m or not config.is_moe_layer(int(m[1])):
+            yield name, t
+            continue
+        i, rest = int(m[1]), m[2]
+        if rest == "gate.weight":
+            yield router_name(format, i), t
+            if format == "qwen2_moe" and not config.has_shared_expert:  # what transformers writes for width 0
+                names, H = shared_expert_names(format, i), config.hidden_size
+                yield names["gate"], t.new_zeros(0, H)
+                yield names["up"], t.new_zeros(0, H)
+                yield names["down"], t.new_zeros(H, 0)
+                yield names["shared_gate"], t.new_zeros(1, H)
+        elif rest == "gate.e_score_correction_bias":
+            if bool(t.any()):
+                warnings.warn(f"layer {i}: the auxiliary-loss-free router bias is nonzero; format '{format}' cannot "
+                              f"hold it (transformers ignores it), moekit writes it as '{router_bias_name(format, i)}'",
+                              stacklevel=2)
+                yield router_bias_name(format, i), t
+        elif rest == "experts.gate_up_proj":
+            down, Fe = state[f"model.layers.{i}.mlp.experts.down_proj"], config.moe_intermediate_size
+            for e in range(config.num_local_experts):
+                names = expert_names(format, i, e)
+                yield names["gate"], t[e, :Fe]
+                yield names["up"], t[e, Fe:]
+                yield names["down"], down[e]
+        elif rest != "experts.down_proj":  # shared expert: in-memory names are qwen2_moe's disk names
+            yield name, t
+
+
+def from_disk(reader, config: MoEConfig, expected: dict[str, tuple[int, ...]],
+              dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read the in-memory state dict `expected` ({name: shape}) from a checkpoint of either format (per-expert
+    or transformers-5 fused expert tensors), checking every shape and refusing tensors it does not use."""
+    used: set[str] = set()
+
+    def get(disk: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if disk not in reader:
+            raise CheckpointError(f"{reader.path}: tensor '{disk}' is missing")
+        if reader.shape(disk) != tuple(shape):
+            raise CheckpointError(f"{reader.path}: tensor '{disk}' has shape {list(reader.shape(disk))}, expected "
+                                  f"{list(shape)} from config.json")
+        used.add(disk)
+        t = reader.get(disk)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    state: dict[str, torch.Tensor] = {}
+    E, Fe, H = config.num_local_experts, config.moe_intermediate_size, config.hidden_size
+    for name, shape in expected.items():
+        m = _MOE_KEY.fullmatch(name)
+        if not m or not config.is_moe_layer(int(m[1])):
+            state[name] = get(name, shape)
+            continue
+        i, rest = int(m[1]), m[2]
+        prefix = next((f"model.layers.{i}.{p}" for p in ("block_sparse_moe", "mlp")
+                       if f"model.layers.{i}.{p}.gate.weight" in reader), f"model.layers.{i}.mlp")
+        if rest == "gate.e_score_correction_bias":
+            disk = f"{prefix}.gate.e_score_correction_bias"
+            state[name] = get(disk, shape) if disk in reader else torch.zeros(shape, dtype=dtype or torch.float32)
+        elif rest == "experts.gate_up_proj":
+            if f"{prefix}.experts.gate_up_proj" in reader:  # transformers-5 fused names
+                state[name] = get(f"{prefix}.experts.gate_up_proj", shape)
+                continue
+            fmt = "mixtral" if f"{prefix}.experts.0.w1.weight" in reader else "qwen2_moe"
+            names = [{r: n.replace(f"model.layers.{i}.{_PREFIX[fmt]}", prefix) for r, n in
+                      expert_names(fmt, i, e).items()} for e in range(E)]
+            gate = torch.stack([get(n["gate"], (Fe, H)) for n in names])  # [E, F, H]
+            up = torch.stack([get(n["up"], (Fe, H)) for n in names])
+            state[name] = torch.cat([gate, up], dim=1)  # [E, 2F, H]
+            state[name.replace("gate_up_proj", "down_proj")] = torch.stack([get(n["down"], (H, Fe)) for n in names])
+        elif rest == "experts.down_proj":
+            if f"{prefix}.experts.down_proj" in reader:
+                state[name] = get(f"{prefix}.experts.down_proj", shape)
+        else:  # router and shared expert
+            state[name] = get(f"{prefix}.{rest}", shape)
+    for name in reader.names():
+        if name in used or name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if not config.has_shared_expert and re.fullmatch(r"model\.layers\.\d+\.mlp\.shared_expert.*", name) and (
+                "shared_expert_gate" in name or 0 in reader.shape(name)):
+            continue  # qwen2_moe's empty shared expert (width 0) contributes nothing
+        raise CheckpointError(f"{reader.path}: unexpected tensor '{name}' for an MoE model of this config.json")
+    missing = [n for n in expected if n not in state]
+    if missing:
+        raise CheckpointError(f"{reader.path}: no tensor for '{missing[0]}' (neither per-expert nor fused names)")
+    return state

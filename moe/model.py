@@ -1,0 +1,116 @@
+"""MoEForCausalLM: the llama core with an MoEFeedForward wherever the config places one.
+
+B batch, S sequence, V vocabulary, E experts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llama.checkpoint import AtomicDir, CheckpointReader, dtype_from_name, save_state_dict, write_json
+from llama.model import MLP, KVCache, Llama, causal_lm_loss
+
+from . import formats
+from .config import MoEConfig
+from .experts import SwiGLUExperts
+from .layer import MoEFeedForward
+from .losses import (
+    RouterStats,
+    load_balancing_loss,
+    router_probs,
+    router_z_loss,
+    routing_stats,
+    update_router_bias,
+)
+from .router import Router
+
+
+@dataclass
+class MoECausalLMOutput:
+    logits: torch.Tensor  # [B, S, V]
+    loss: torch.Tensor | None = None  # lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # load-balancing loss (transformers' load_balancing_loss_func)
+    z_loss: torch.Tensor | None = None
+    router_stats: RouterStats | None = None
+
+
+class MoEForCausalLM(Llama):
+    """Causal LM whose MoE layers are `MoEFeedForward` and whose dense layers keep llama's MLP.
+
+    Parameter names are transformers 5's (`model.layers.N.mlp.gate.weight`, `mlp.experts.gate_up_proj`, ...);
+    checkpoints are read and written in HF's `mixtral` or `qwen2_moe` layout through `moe.formats`."""
+
+    config_class = MoEConfig
+
+    def make_mlp(self, layer_idx: int) -> nn.Module:
+        if self.config.is_moe_layer(layer_idx):
+            return MoEFeedForward(self.config)
+        return MLP(self.config)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, SwiGLUExperts):
+            nn.init.normal_(module.gate_up_proj, std=std)
+            nn.init.normal_(module.down_proj, std=std)
+        elif isinstance(module, Router):
+            nn.init.normal_(module.weight, std=std)
+            nn.init.zeros_(module.e_score_correction_bias)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, cache: KVCache | None = None) -> MoECausalLMOutput:
+        """input_ids [B, S] (attention_mask [B, L] of 1/0, labels [B, S] with -100 ignored)."""
+        cfg = self.config
+        h, aux = self.model(input_ids, attention_mask, cache)  # [B, S, H], per layer MoEAux or None
+        logits = self.lm_head(h)  # [B, S, V]
+        routed = [a for a in aux if a is not None]
+        aux_loss = z_loss = None
+        if routed:
+            aux_loss = load_balancing_loss([router_probs(a, cfg.router_score) for a in routed],
+                                           [a.expert_ids for a in routed], attention_mask)
+            z_loss = router_z_loss([a.logits for a in routed], attention_mask)
+        loss = lm_loss = causal_lm_loss(logits, labels) if labels is not None else None
+        if loss is not None and routed:
+            if cfg.router_aux_loss_coef:
+                loss = loss + cfg.router_aux_loss_coef * aux_loss
+            if cfg.router_z_loss_coef:
+                loss = loss + cfg.router_z_loss_coef * z_loss
+        return MoECausalLMOutput(logits, loss, lm_loss, aux_loss, z_loss, routing_stats(aux, cfg.router_score))
+
+    def update_router_bias(self, counts_per_layer, rate: float | None = None) -> None:
+        """Auxiliary-loss-free balancing step (see `moe.losses.update_router_bias`); call once per optimizer step."""
+        update_router_bias(self, counts_per_layer, rate)
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def checkpoint_tensors(self, format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs as a `format` checkpoint stores them (experts one by one)."""
+        return formats.to_disk(self.config, format, dict(super().checkpoint_tensors()))
+
+    def load_checkpoint_tensors(self, reader: CheckpointReader, dtype=None) -> dict[str, torch.Tensor]:
+        tied = self.config.tie_word_embeddings
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items() if not (tied and k == "lm_head.weight")}
+        return formats.from_disk(reader, self.config, expected, dtype)
+
+    def save_pretrained(self, path, format: str = "auto", max_shard_size: int | str = "5GB", force: bool = False,
+                        dtype: torch.dtype | str | None = None) -> None:
+        """Write config.json and safetensors shards in HF's `mixtral` or `qwen2_moe` layout (auto: mixtral when
+        it can express the config), atomically; an existing `path` needs force=True."""
+        format = formats.choose_format(self.config, format)
+        dtype = dtype_from_name(dtype)
+        tensors = dict(self.checkpoint_tensors(format))
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        stored = next(t.dtype for t in tensors.values() if t.is_floating_point())
+        with AtomicDir(path, force) as tmp:
+            write_json(os.path.join(tmp, "config.json"), self.checkpoint_config(stored, format))
+            save_state_dict(tmp, tensors, max_shard_size)
+
+    def checkpoint_config(self, dtype: torch.dtype, format: str = "auto") -> dict:
+        d = formats.hf_config_dict(self.config, formats.choose_format(self.config, format))
+        d["torch_dtype"] = str(dtype).removeprefix("torch.")
+        return d
