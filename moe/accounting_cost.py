@@ -76,7 +76,7 @@ class Report:
 
 
 def _n(x: float) -> str:
-    return f"{x:,}" if isinstance(x, int) or float(x).is_integer() and abs(x) < 1e15 else f"{x:.4g}"
+    return f"{int(x):,}" if float(x).is_integer() and abs(x) < 1e7 else f"{x:.4g}"
 
 
 def derive(count: ParamCount, plan: Plan) -> Report:
@@ -87,14 +87,18 @@ def derive(count: ParamCount, plan: Plan) -> Report:
     P, Nmm = count.total_params, count.matmul_active_params
     ctx = min(plan.seq_len, a.sliding_window) if a and a.sliding_window else plan.seq_len
     attn = 2 * a.num_hidden_layers * ctx * a.num_attention_heads * (a.qk_head_dim + a.v_head_dim) if a else 0
-    attn_detail = (f"2 × {a.num_hidden_layers} × {ctx} × {a.num_attention_heads} × ({a.qk_head_dim} + "
-                   f"{a.v_head_dim})" if a else "0 (no architecture known)")
     fwd = 2 * Nmm + attn
-    r.figures.append(Figure("forward_flops_per_token", "forward FLOPs per token", fwd, "flops",
-                            "2 × N_matmul + 2 × layers × context × heads × (d_qk + d_v)",
-                            f"2 × {Nmm:,} + {attn_detail}"))
+    if a:
+        r.figures.append(Figure("forward_flops_per_token", "forward FLOPs per token", fwd, "flops",
+                                "2 × N_matmul + 2 × layers × context × heads × (d_qk + d_v)",
+                                f"2 × {Nmm:,} + 2 × {a.num_hidden_layers} × {ctx} × {a.num_attention_heads} × "
+                                f"({a.qk_head_dim} + {a.v_head_dim})"))
+    else:
+        r.figures.append(Figure("forward_flops_per_token", "forward FLOPs per token", fwd, "flops",
+                                "2 × N_matmul (no attention term: the architecture is unknown)", f"2 × {Nmm:,}"))
     if plan.train_flops is not None:
-        r.figures.append(Figure("train_flops", "training FLOPs", plan.train_flops, "flops", "given", "--train-flops"))
+        r.figures.append(Figure("train_flops", "training FLOPs", plan.train_flops, "flops", "given (--train-flops)",
+                                f"{plan.train_flops:.4g}"))
     elif plan.tokens is not None:
         T = plan.tokens
         r.figures.append(Figure("train_flops", f"training FLOPs ({T:.3g} tokens)", 3 * fwd * T, "flops",
@@ -123,7 +127,7 @@ def _train_memory(P: int, b: float, plan: Plan) -> Figure:
     terms = " + ".join(f"{per}{f'/{d}' if sharded and d > 1 else ''}" for _, per, sharded in parts if per)
     names = " + ".join(f"{name}{' (sharded)' if sharded and d > 1 else ''}" for name, per, sharded in parts if per)
     where = f"ZeRO-{plan.zero} over {d} GPUs" if plan.zero else "no sharding"
-    return Figure("train_memory_bytes_per_gpu", f"training memory per GPU ({where}, no activations)", total,
+    return Figure("train_memory_bytes_per_gpu", f"training memory per GPU ({where})", total,
                   "bytes", f"total_params × ({names})", f"{P:,} × ({terms})")
 
 
@@ -171,18 +175,23 @@ def _b(n: int) -> str:
 
 def conventions(count: ParamCount) -> list[str]:
     a = count.arch
-    routed = (f"routed experts count k/E = {a.num_experts_per_tok}/{a.num_experts}" if a and a.num_experts
-              else "routed experts count k/E")
+    if a and a.num_experts:
+        routed = f"routed experts count k/E = {a.num_experts_per_tok}/{a.num_experts}; everything else in full"
+    else:
+        routed = ("routed experts count k/E, everything else in full" if count.total.get("routed_experts")
+                  else "every parameter (no routed experts)")
     return ["embeddings and the LM head are counted, and shown separately (some publishers exclude them)",
             "tied weights are counted once (under embedding)",
-            f"active = used per token: {routed}; everything else in full",
-            "FLOPs: multiply-add = 2; attention over the full context; training = 3 × forward; GB = 10^9 bytes"]
+            f"active = used per token: {routed}",
+            "FLOPs: multiply-add = 2; attention over the full context; training = 3 × forward",
+            "training memory: weights + gradients + AdamW m, v + fp32 master copy; no activations; GB = 10^9 bytes"]
 
 
 def render_table(report: Report, explain: bool = False) -> str:
     c = report.count
     T, A = c.total_params, c.active_params
-    head = f"{c.target} ({c.source}{', model_type ' + c.model_type if c.model_type else ''})"
+    source = "bare count" if c.source == "number" else c.source
+    head = f"{c.target} ({source}{', model_type ' + c.model_type if c.model_type else ''})"
     lines = [f"{head}: {T:,} parameters ({_b(T)}), {A:,} active per token ({_b(A)})", ""]
     if c.source != "number":
         lines.append(f"{'component':<16}{'total':>18}{'share':>8}{'active':>18}{'share':>8}")
