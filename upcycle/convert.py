@@ -1,0 +1,315 @@
+"""The streaming converter: a dense Llama checkpoint directory -> an MoE checkpoint directory (mixtral or qwen2_moe).
+
+A plan lists every output tensor (name, dtype, shape) with the recipe that makes it; the writer lays the shards out
+from the plan, then each tensor is made and written the moment it is needed, one at a time: each expert's gate,
+up and down as separate [F, H] / [H, F] tensors, never a stacked [E, ...] tensor. Experts are written role-major
+(every expert's gate, then every up, then every down) so only one dense FFN matrix is held at a time. Peak memory
+is about one dense tensor plus one output tensor, whatever the model size. The directory is built in
+`DST.tmp-PID-*` and renamed when complete (`llama.checkpoint.AtomicDir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+from tqdm.auto import tqdm
+
+from llama.checkpoint import (
+    INDEX_NAME,
+    PICKLE_SUFFIXES,
+    AtomicDir,
+    ShardedWriter,
+    dtype_from_name,
+    write_json,
+)
+from llama.config import LlamaConfig
+from llama.errors import CheckpointError, ConfigError
+from llama.model import Llama
+from moe import formats
+from moe.config import MoEConfig
+
+from . import recipes
+from .options import UpcycleOptions
+from .source import DirSource, StateDictSource
+
+_TAG = {"router": 1, "drop": 2, "gate": 3, "up": 4, "down": 5}  # generator stream ids
+_DENSE_MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight")
+RECORD_NAME = "upcycling.json"
+
+
+class _Context:
+    """What a recipe step may read: dense tensors (the last one cached) and per-matrix statistics (cached)."""
+
+    def __init__(self, source):
+        self.source, self.name, self.tensor, self._stats = source, None, None, {}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name != self.name:
+            self.tensor = None  # drop the previous matrix before reading the next
+            self.tensor, self.name = self.source.get(name), name
+        return self.tensor
+
+    def stats(self, key, w: torch.Tensor) -> tuple[float, float]:
+        if key not in self._stats:
+            self._stats[key] = recipes.tensor_stats(w)
+        return self._stats[key]
+
+
+@dataclass
+class Item:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[_Context], torch.Tensor]
+
+
+@dataclass
+class Plan:
+    dense: LlamaConfig
+    config: MoEConfig
+    format: str
+    moe_layers: list[int]
+    items: list[Item] = field(default_factory=list)
+
+    def config_json(self) -> dict:
+        d = formats.hf_config_dict(self.config, self.format)
+        stored = next((it.dtype for it in self.items if it.dtype.is_floating_point), torch.float32)
+        d["torch_dtype"] = str(stored).removeprefix("torch.")
+        return d
+
+
+def dense_tensors(source, dense: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the dense checkpoint, in model order; every one checked present with that shape."""
+    with torch.device("meta"):
+        model = Llama(dense)
+    expected = {n: tuple(t.shape) for n, t in model.checkpoint_tensors()}
+    for name, shape in expected.items():
+        if name not in source:
+            raise CheckpointError(f"{source.path}: tensor '{name}' is missing (not a Llama checkpoint of its "
+                                  "config.json)")
+        if source.shape(name) != shape:
+            raise CheckpointError(f"{source.path}: tensor '{name}' has shape {list(source.shape(name))}, expected "
+                                  f"{list(shape)} from config.json")
+    for name in source.names():
+        if name not in expected and not name.endswith("rotary_emb.inv_freq") and name != "lm_head.weight":
+            raise CheckpointError(f"{source.path}: unexpected tensor '{name}' for a dense Llama checkpoint")
+    return expected
+
+
+def moe_config(dense: LlamaConfig, options: UpcycleOptions, source_name: str) -> tuple[MoEConfig, str, list[int]]:
+    """The MoE config the options ask for, the HF format that can hold it, and the MoE layer indices."""
+    F, G, s = dense.intermediate_size, options.num_shards, options.shared_experts
+    if F % G:
+        what = f"--granularity {G}" if options.recipe == "granular" else f"{G} shards (--shared-experts {s} + 1)"
+        raise ConfigError(f"{source_name}: intermediate_size {F} is not divisible by {what}")
+    layers = options.layers(dense.num_hidden_layers)
+    if not layers:
+        raise ConfigError(f"--moe-layers {options.moe_layers}: no layer of the {dense.num_hidden_layers} "
+                          "becomes MoE")
+    sparse: dict = {}
+    if options.moe_layers == "every-other":
+        sparse["decoder_sparse_step"] = 2  # HF: layer i is MoE when (i + 1) % 2 == 0
+    elif len(layers) < dense.num_hidden_layers:
+        sparse["mlp_only_layers"] = [i for i in range(dense.num_hidden_layers) if i not in layers]
+    Fe = F // G
+    config = MoEConfig.from_dense(
+        dense, num_local_experts=options.total_experts, num_experts_per_tok=options.total_top_k,
+        moe_intermediate_size=Fe, num_shared_experts=s, shared_expert_intermediate_size=s * Fe,
+        shared_expert_gate=s > 0, norm_topk_prob=True, **sparse)
+    assert config.moe_layers == layers, (config.moe_layers, layers)
+    return config, formats.choose_format(config, options.format), layers
+
+
+def plan_upcycle(source, options: UpcycleOptions) -> Plan:
+    """Check the source and options; list every output tensor with how to make it."""
+    cfg_name = f"{source.path}/config.json"
+    dense = LlamaConfig.from_dict(source.config, source=cfg_name)
+    expected = dense_tensors(source, dense)
+    config, fmt, layers = moe_config(dense, options, cfg_name)
+    want = dtype_from_name(options.dtype)
+    plan = Plan(dense, config, fmt, layers)
+
+    def out_dtype(name: str) -> torch.dtype:
+        dt = source.dtype(name)
+        return want if want is not None and dt.is_floating_point else dt
+
+    for name, shape in expected.items():
+        m = _DENSE_MLP.fullmatch(name)
+        if m and int(m[1]) in layers:
+            if m[2] == "gate":
+                _plan_moe_layer(plan, int(m[1]), options, out_dtype(name))
+            continue
+        dt = out_dtype(name)
+        plan.items.append(Item(name, dt, shape, lambda ctx, n=name, d=dt: ctx(n).to(d)))  # copied as is
+    return plan
+
+
+def _plan_moe_layer(plan: Plan, i: int, o: UpcycleOptions, dtype: torch.dtype) -> None:
+    cfg, fmt = plan.config, plan.format
+    H, Fe, G, s, R, E = cfg.hidden_size, cfg.moe_intermediate_size, o.num_shards, o.shared_experts, \
+        o.routed_shards, o.num_experts
+    dense = formats.dense_mlp_names(i)
+    add = plan.items.append
+    add(Item(formats.router_name(fmt, i), dtype, (E * R, H), lambda ctx: recipes.router_weight(
+        E, R, H, o.router_init, o.router_std, recipes.generator(o.seed, i, _TAG["router"]), dtype)))
+    if fmt == "qwen2_moe":  # the shared expert: shards 0..s-1, down x 2 against sigmoid(0) (width 0 if s = 0)
+        names, S = formats.shared_expert_names(fmt, i), s * Fe
+        add(Item(names["gate"], dtype, (S, H), lambda ctx: ctx(dense["gate"]).narrow(0, 0, S).to(dtype)))
+        add(Item(names["up"], dtype, (S, H), lambda ctx: ctx(dense["up"]).narrow(0, 0, S).to(dtype)))
+        add(Item(names["down"], dtype, (H, S), lambda ctx: recipes.scaled(
+            ctx(dense["down"]).narrow(1, 0, S), recipes.SHARED_GATE_COMPENSATION, dtype)))
+        add(Item(names["shared_gate"], dtype, (1, H), lambda ctx: recipes.shared_gate_weight(H, dtype)))
+    scales = recipes.granular_scales(R, o.weight_scaling) if o.recipe == "granular" else None
+    for role in recipes.ROLES:
+        shape = (H, Fe) if role == "down" else (Fe, H)
+        for j in range(E * R):
+            make = _expert_maker(o, i, j, role, dense[role], s + j % R, G, scales, dtype)
+            add(Item(formats.expert_names(fmt, i, j)[role], dtype, shape, make))
+
+
+def _expert_maker(o: UpcycleOptions, i: int, j: int, role: str, dense_name: str, shard: int, G: int,
+                  scales: dict | None, dtype: torch.dtype) -> Callable[[_Context], torch.Tensor]:
+    """How expert j of layer i gets its `role` matrix from shard `shard` of the dense one."""
+    def make(ctx: _Context) -> torch.Tensor:
+        w = recipes.shard(ctx(dense_name), role, shard, G)  # [F/G, H] or [H, F/G], a view
+        if o.recipe == "noise":
+            std = ctx.stats((dense_name, shard), w)[1]
+            return recipes.noise_expert(w, o.noise_scale, recipes.generator(o.seed, i, j, _TAG[role]), dtype, std)
+        if o.recipe == "drop":
+            mean, std = ctx.stats((dense_name, shard), w)
+            idx = recipes.drop_indices(w.shape[recipes.neuron_dim(role)], o.drop_ratio,
+                                       recipes.generator(o.seed, i, j, _TAG["drop"]))  # same for gate, up, down
+            return recipes.drop_expert(w, role, idx, mean, std, recipes.generator(o.seed, i, j, _TAG[role]), dtype)
+        return recipes.scaled(w, scales[role] if scales else 1.0, dtype)
+    return make
+
+
+# ---- running a plan ---------------------------------------------------------------------------------
+
+def _moekit_version() -> str:
+    try:
+        return version("moekit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _copy_side_files(src: str, dst: str) -> tuple[list[str], list[str]]:
+    """Copy tokenizer files, generation_config.json and other non-weight files; return (copied, skipped)."""
+    copied, skipped = [], []
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if name in ("config.json", RECORD_NAME):
+            continue  # written anew
+        if not os.path.isfile(path) or name == INDEX_NAME or name.endswith((".safetensors", *PICKLE_SUFFIXES)):
+            skipped.append(name)  # dense weights, and directories (e.g. Meta's original/ with .pth weights)
+            continue
+        shutil.copy2(path, os.path.join(dst, name))
+        copied.append(name)
+    return copied, skipped
+
+
+def upcycle(src: str | os.PathLike, dst: str | os.PathLike, options: UpcycleOptions | None = None,
+            progress: bool = True, log: Callable[[str], None] | None = print) -> dict:
+    """Upcycle the dense checkpoint directory `src` into the MoE checkpoint directory `dst`; return the record
+    written to `dst/upcycling.json`. Nothing appears at `dst` unless the whole directory was written (and, for a
+    function-preserving recipe with verification on, verified)."""
+    from .verify import VerifyError, verify_checkpoints
+
+    options = options or UpcycleOptions()
+    start = time.perf_counter()
+    src, dst = os.path.abspath(str(src)), os.path.abspath(str(dst)).rstrip("/")
+    if dst == src or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
+        raise ConfigError(f"DST {dst} must be a directory outside SRC {src}")
+    with DirSource(src) as source:
+        plan = plan_upcycle(source, options)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)  # AtomicDir lists the parent before creating it
+        with AtomicDir(dst, options.force) as tmp:
+            write_json(os.path.join(tmp, "config.json"), plan.config_json())
+            writer = ShardedWriter(tmp, [(it.name, it.dtype, it.shape) for it in plan.items], options.max_shard_size)
+            ctx = _Context(source)
+            bar = tqdm(plan.items, desc="upcycle", unit="tensor", disable=not progress, leave=False)
+            for item in bar:
+                writer.write(item.name, item.make(ctx))
+            ctx.tensor = None
+            writer.close()
+            copied, skipped = _copy_side_files(src, tmp)
+            with open(os.path.join(src, "config.json"), "rb") as f:
+                config_sha = hashlib.sha256(f.read()).hexdigest()
+            record = {
+                "moekit_version": _moekit_version(), "source": src, "source_config_sha256": config_sha,
+                "recipe": options.recipe, "seed": options.seed, "options": options.to_dict(), "format": plan.format,
+                "moe_layers": plan.moe_layers, "num_local_experts": plan.config.num_local_experts,
+                "num_experts_per_tok": plan.config.num_experts_per_tok,
+                "moe_intermediate_size": plan.config.moe_intermediate_size,
+                "shared_expert_intermediate_size": plan.config.shared_expert_intermediate_size,
+                "function_preserving": options.function_preserving,
+                "copied_files": copied, "not_copied": skipped, "output_bytes": writer.total_size,
+                "shards": len(writer.files), "seconds": None, "verify": None,
+            }
+            if options.verify:
+                result = verify_checkpoints(src, tmp, tokens=options.verify_tokens, atol=options.verify_atol,
+                                            seed=options.seed, progress=progress)
+                record["verify"] = result.to_dict()
+                if options.function_preserving and not result.ok:
+                    raise VerifyError(f"recipe '{options.recipe}' should reproduce the dense model but {result.line()}"
+                                      f"; nothing written to {dst}")
+            record["seconds"] = round(time.perf_counter() - start, 3)
+            write_json(os.path.join(tmp, RECORD_NAME), record)
+    if log:
+        log(summary_line(src, dst, plan, record))
+    return record
+
+
+def summary_line(src: str, dst: str, plan: Plan, record: dict) -> str:
+    o, c = record["options"], plan.config
+    gb, secs = record["output_bytes"] / 1e9, record["seconds"]
+    shared = f" + shared expert {c.shared_expert_intermediate_size}" if c.has_shared_expert else ""
+    line = (f"upcycled {src} -> {dst}: recipe {o['recipe']}, {c.num_local_experts} experts of "
+            f"{c.moe_intermediate_size}{shared}, top-{c.num_experts_per_tok}, {len(plan.moe_layers)}/"
+            f"{c.num_hidden_layers} MoE layers, {plan.format}, {len(plan.items)} tensors, {gb:.3f} GB in "
+            f"{record['shards']} shard(s), {secs:.1f} s ({gb / max(secs, 1e-9):.2f} GB/s)")
+    v = record["verify"]
+    if v is not None:
+        tag = "" if record["function_preserving"] else " (recipe not function-preserving by design)"
+        line += f"; verify: max |dlogit| {v['max_abs']:.3g} (rel {v['max_rel']:.3g}) on {v['tokens']} tokens{tag}"
+    return line
+
+
+def upcycle_model(dense_model: Llama, options: UpcycleOptions | None = None):
+    """The same recipes on a live dense model: returns an MoEForCausalLM (its own tensors, on the dense model's
+    device), in the dense model's train/eval mode."""
+    from moe.model import MoEForCausalLM
+
+    options = options or UpcycleOptions()
+    device = next(dense_model.parameters()).device
+    tensors = {n: t.detach().cpu() for n, t in dense_model.checkpoint_tensors()}
+    source = StateDictSource(dense_model.config.to_dict(), tensors)
+    plan = plan_upcycle(source, options)
+    ctx = _Context(source)
+    out = StateDictSource(plan.config_json(), {it.name: it.make(ctx) for it in plan.items}, "<upcycled>")
+    with torch.device("meta"):
+        model = MoEForCausalLM(plan.config)
+    state = model.load_checkpoint_tensors(out)
+    model.load_state_dict({k: v.to(device, copy=True) for k, v in state.items()}, strict=False, assign=True)
+    if plan.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb.reset(device)
+    return model.train(dense_model.training)
+
+
+def read_record(path: str | os.PathLike) -> dict:
+    """The `upcycling.json` of an upcycled directory."""
+    try:
+        with open(os.path.join(str(path), RECORD_NAME)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read {RECORD_NAME} ({e})") from None

@@ -1,0 +1,160 @@
+"""`moekit verify DENSE MOE`: run two checkpoints on the same tokens and compare their logits, streaming.
+
+Each checkpoint runs layer by layer with weights read from disk as they are needed: one layer's attention at a
+time, one expert at a time (only experts some token was routed to), linear maps in fp32 chunks of output rows.
+Memory stays near one tensor of the model, so the check runs wherever the upcycler ran. The MoE feed-forward is
+written out here from the HF formats' definition (softmax in fp32, top-k, renormalised if norm_topk_prob,
+shared expert scaled by sigmoid(x . w)), independently of `moe.layer`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from llama.config import LlamaConfig
+from llama.errors import ConfigError, MoekitError
+from llama.model import DecoderLayer
+from llama.rope import RotaryEmbedding
+from moe import formats
+from moe.config import MoEConfig
+
+from .source import DirSource
+
+ROWS = 1 << 22  # elements of a weight converted to fp32 at a time
+
+
+class VerifyError(MoekitError):
+    """An upcycled checkpoint that should compute the dense function does not."""
+
+
+@dataclass
+class VerifyResult:
+    max_abs: float  # max |logits_a - logits_b|
+    max_rel: float  # max_abs / max |logits_a|
+    tokens: int
+    atol: float
+    ok: bool
+
+    def line(self) -> str:
+        verdict = "OK" if self.ok else f"FAIL (above --atol {self.atol:g})"
+        return (f"max |dlogit| {self.max_abs:.3g}, relative {self.max_rel:.3g} (of max |logit|) on "
+                f"{self.tokens} tokens: {verdict}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, in] fp32 @ w [out, in]^T in fp32, converting w a block of rows at a time -> [T, out]."""
+    rows = max(1, ROWS // max(w.shape[1], 1))
+    return torch.cat([x @ w[a:a + rows].float().T for a in range(0, w.shape[0], rows)], dim=1)
+
+
+class StreamedCheckpoint:
+    """A Llama, Mixtral or Qwen2-MoE checkpoint directory, run layer by layer in fp32 from disk."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.source = DirSource(path)
+        d, name = self.source.config, os.path.join(self.source.path, "config.json")
+        self.format = d.get("model_type")
+        if self.format == "llama":
+            self.config = LlamaConfig.from_dict(d, source=name)
+        elif self.format in formats.FORMATS:
+            self.config = MoEConfig.from_dict(d, source=name)
+        else:
+            raise ConfigError(f"{name}: model_type '{self.format}' cannot be verified; expected llama, "
+                              f"{' or '.join(formats.FORMATS)}")
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.source.get(name)
+
+    def is_moe(self, i: int) -> bool:
+        return isinstance(self.config, MoEConfig) and self.config.is_moe_layer(i)
+
+    def mlp(self, x: torch.Tensor, names: dict[str, str]) -> torch.Tensor:
+        """down(silu(gate x) * up x) from disk, x [T, H] -> [T, H]."""
+        h = F.silu(linear(x, self.get(names["gate"]))) * linear(x, self.get(names["up"]))
+        return linear(h, self.get(names["down"]))
+
+    def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer i's feed-forward, x [T, H] fp32 -> [T, H]."""
+        if not self.is_moe(i):
+            return self.mlp(x, formats.dense_mlp_names(i))
+        cfg, fmt = self.config, self.format
+        logits = linear(x, self.get(formats.router_name(fmt, i)))  # [T, E]
+        scores = logits.softmax(-1) if cfg.router_score == "softmax" else logits.sigmoid()
+        weights, ids = torch.topk(scores, cfg.num_experts_per_tok, dim=-1)  # [T, k]
+        if cfg.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        y = torch.zeros_like(x)
+        for e in range(cfg.num_local_experts):
+            token, slot = torch.where(ids == e)
+            if token.numel():
+                y.index_add_(0, token, weights[token, slot, None] * self.mlp(x[token], formats.expert_names(fmt, i, e)))
+        if cfg.has_shared_expert:
+            names = formats.shared_expert_names(fmt, i)
+            shared = self.mlp(x, names)
+            if cfg.shared_expert_gate:
+                shared = torch.sigmoid(linear(x, self.get(names["shared_gate"]))) * shared
+            y = y + shared
+        return y
+
+    def layer(self, i: int) -> DecoderLayer:
+        """Decoder layer i with its attention and norms loaded (fp32) and this checkpoint's FFN."""
+        with torch.device("meta"):
+            layer = DecoderLayer(self.config, i, _FFN(self, i))
+        prefix = f"model.layers.{i}."
+        state = {k[len(prefix):]: self.get(k).float() for k in self.source.names()
+                 if k.startswith(prefix) and not any(p in k for p in (".mlp.", ".block_sparse_moe.", "rotary_emb"))}
+        layer.load_state_dict(state, strict=True, assign=True)
+        return layer
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        """ids [1, T] -> logits [1, T, V] fp32."""
+        cfg = self.config
+        x = self.get("model.embed_tokens.weight")[ids[0]].float()[None]  # [1, T, H]
+        rotary = RotaryEmbedding(cfg)
+        cos, sin = rotary(torch.arange(ids.shape[1])[None], torch.float32)
+        for i in tqdm(range(cfg.num_hidden_layers), desc=f"verify {self.format}", disable=not progress, leave=False):
+            x, _ = self.layer(i)(x, cos, sin)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * self.get("model.norm.weight").float()
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        return linear(x[0], self.get(head))[None]  # [1, T, V]
+
+    def close(self) -> None:
+        self.source.close()
+
+
+class _FFN(nn.Module):
+    def __init__(self, checkpoint: StreamedCheckpoint, i: int):
+        super().__init__()
+        self.checkpoint, self.i = checkpoint, i
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.checkpoint.ffn(self.i, x.reshape(-1, x.shape[-1])).view(x.shape)
+
+
+def verify_checkpoints(dense: str | os.PathLike, moe: str | os.PathLike, tokens: int = 32, atol: float = 1e-4,
+                       seed: int = 0, progress: bool = False) -> VerifyResult:
+    """Logits of two checkpoints (e.g. dense and upcycled) on the same `tokens` random token ids, compared."""
+    a, b = StreamedCheckpoint(dense), StreamedCheckpoint(moe)
+    try:
+        for f in ("vocab_size", "hidden_size", "num_hidden_layers"):
+            if getattr(a.config, f) != getattr(b.config, f):
+                raise ConfigError(f"cannot compare {a.source.path} and {b.source.path}: {f} "
+                                  f"{getattr(a.config, f)} != {getattr(b.config, f)}")
+        ids = torch.randint(0, a.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
+        la, lb = a.logits(ids, progress), b.logits(ids, progress)
+    finally:
+        a.close()
+        b.close()
+    max_abs = (la - lb).abs().max().item()
+    max_rel = max_abs / max(la.abs().max().item(), 1e-30)
+    return VerifyResult(max_abs, max_rel, tokens, atol, max_abs <= atol)
