@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Grouped-GEMM benchmark (same as `moekit bench gemm`): ours vs torch.nn.functional.grouped_mm vs a dense matmul
+with the same FLOPs, at Mixtral-8x7B expert shapes by default. CPU smoke run:
+    .venv/bin/python scripts/bench_gemm.py --tokens 256 --hidden 256 --ffn 512 --iters 2 --json /tmp/gemm.json
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.bench import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
