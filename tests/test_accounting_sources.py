@@ -168,8 +168,8 @@ def test_sixty_shards_headers_only_and_fast(tmp_path, capsys, monkeypatch):
 
 
 def _upcycle_with_transformers(dense_dir, dst, E=8, k=2):
-    """A real upcycled checkpoint: transformers' Mixtral whose E experts are copies of each dense FFN, with a
-    fresh router (the `copy` recipe); stands in for `moekit upcycle` until the upcycler lands."""
+    """A real upcycled checkpoint built independently of moekit: transformers' Mixtral whose E experts are
+    copies of each dense FFN, with a fresh router (the `copy` recipe)."""
     dense = Llama.from_pretrained(dense_dir)
     d = dense.config.to_dict()
     cfg = transformers.MixtralConfig(**{k_: d[k_] for k_ in ("vocab_size", "hidden_size", "intermediate_size",
@@ -188,16 +188,23 @@ def _upcycle_with_transformers(dense_dir, dst, E=8, k=2):
         state[f"model.layers.{i}.mlp.experts.down_proj"] = m.down_proj.weight.expand(E, -1, -1).clone()
     moe.load_state_dict(state)
     moe.save_pretrained(dst)
-    return dense
 
 
-def test_upcycling_multiplies_ffn_params(tmp_path, capsys):
+def _upcycle_with_moekit(dense_dir, dst):
+    assert main(["upcycle", str(dense_dir), str(dst), "--num-experts", "8", "--top-k", "2", "--recipe", "copy",
+                 "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("upcycle", [_upcycle_with_moekit, _upcycle_with_transformers], ids=["moekit", "transformers"])
+def test_upcycling_multiplies_ffn_params(upcycle, tmp_path, capsys):
     """`copy` to 8 experts top-2: FFN parameters x8 in total, x2 active; everything else unchanged, plus routers."""
-    Llama(LlamaConfig.from_name("tiny")).save_pretrained(tmp_path / "dense")
-    dense_model = _upcycle_with_transformers(tmp_path / "dense", tmp_path / "moe")
+    dense_model = Llama(LlamaConfig.from_name("tiny"))
+    dense_model.save_pretrained(tmp_path / "dense")
+    upcycle(tmp_path / "dense", tmp_path / "moe")
     with llama.checkpoint.CheckpointReader(tmp_path / "moe") as r:  # the experts really are copies
         w1 = r.get("model.layers.1.block_sparse_moe.experts.5.w1.weight")
     assert torch.equal(w1, dense_model.model.layers[1].mlp.gate_proj.weight)
+    capsys.readouterr()
 
     dense = moekit_json(capsys, tmp_path / "dense")
     moe = moekit_json(capsys, tmp_path / "moe")
@@ -210,6 +217,7 @@ def test_upcycling_multiplies_ffn_params(tmp_path, capsys):
     assert moe["components"]["router"]["total"] == router
     assert moe["total_params"] == dense["total_params"] + 7 * ffn["total"] + router
     assert moe["active_params"] == dense["active_params"] + ffn["total"] + router
+    assert "config.json formula agrees exactly" in moe["notes"]
 
 
 def moekit_json(capsys, target) -> dict:
