@@ -29,12 +29,14 @@ def grouped_mm(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tens
     if x_sorted.shape[0] == 0:
         return x_sorted.new_zeros(0, weight.shape[1])
     w_t = weight.transpose(-2, -1)  # [E, in, out]
-    if not (_aligned(x_sorted) and _aligned(w_t)):  # torch's grouped_mm needs 16-byte aligned strides
+    if not (_aligned(x_sorted) and _aligned(w_t)):  # torch's grouped_mm needs 16-byte aligned strides, fp32/16
         return grouped_mm_loop(x_sorted, weight, offsets)
     return F.grouped_mm(x_sorted, w_t, offs=offsets)
 
 
 def _aligned(t: torch.Tensor) -> bool:
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
     size = t.element_size()
     return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s, n in zip(t.stride(), t.shape) if n > 1 and s != 1)
 
@@ -59,12 +61,93 @@ def unpermute(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor
     return (y.view(T, k, -1) * weights.to(y.dtype)[..., None]).sum(1)
 
 
+def grouped_mm_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """a [M, p], b [M, q], offsets [E] -> [E, p, q]: per expert e, a_e^T @ b_e over its rows (zeros if none)."""
+    E = offsets.shape[0]
+    if a.shape[0] and _aligned(a.t()) and _aligned(b):
+        return F.grouped_mm(a.t(), b, offs=offsets)
+    out, start = a.new_zeros(E, a.shape[1], b.shape[1]), 0
+    for e, end in enumerate(offsets.tolist()):
+        out[e] = a[start:end].t() @ b[start:end]
+        start = end
+    return out
+
+
 def swiglu_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up_proj: torch.Tensor,
                    down_proj: torch.Tensor) -> torch.Tensor:
     """The whole routed SwiGLU: x [T, H], weights/expert_ids [T, k], gate_up_proj [E, 2F, H] (gate rows, then up),
-    down_proj [E, H, F] -> y [T, H] = sum_j weights[:, j] * down(silu(gate(x)) * up(x)) of expert expert_ids[:, j]."""
+    down_proj [E, H, F] -> y [T, H] = sum_j weights[:, j] * down(silu(gate(x)) * up(x)) of expert expert_ids[:, j].
+
+    One autograd Function (below) with a hand-written backward: it saves the gate/up activations only and
+    recomputes the gathered input and the SwiGLU, so forward+backward costs about what a dense SwiGLU of width
+    k*F costs. `swiglu_experts_composed` is the same computation built from the ops above (autograd through them)."""
+    return _SwiGLUExperts.apply(x, weights, expert_ids, gate_up_proj, down_proj)
+
+
+def swiglu_experts_composed(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                            gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """swiglu_experts from permute -> grouped_mm -> swiglu -> grouped_mm -> unpermute, differentiated by autograd."""
     E, k = gate_up_proj.shape[0], expert_ids.shape[1]
     order, _, offsets = routing_metadata(expert_ids, E)
     h = grouped_mm(permute(x, order, k), gate_up_proj, offsets)  # [M, 2F]
     gate, up = h.chunk(2, dim=-1)
     return unpermute(grouped_mm(swiglu(gate, up), down_proj, offsets), order, weights)
+
+
+class _SwiGLUExperts(torch.autograd.Function):
+    """Forward: x_s = x[token of each sorted copy]; h = x_s W_gu^T [M, 2F]; a = silu(gate) * up [M, F];
+    o = a W_d^T [M, H]; y[t] = sum_j w[t, j] * o[copy (t, j)]. Saves x_s, h, a and o; the backward writes the
+    SwiGLU gradient straight into one [M, 2F] buffer, so it allocates no more [M, F]-sized tensors than a
+    dense SwiGLU's autograd does (on CPU, fresh large tensors cost page faults comparable to the math)."""
+
+    @staticmethod
+    def forward(ctx, x, weights, expert_ids, gate_up_proj, down_proj):
+        T, k = expert_ids.shape
+        Fe = down_proj.shape[-1]
+        order, _, offsets = routing_metadata(expert_ids, gate_up_proj.shape[0])  # [M], [E], [E]
+        token = order // k  # [M] token of each copy, in expert order
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        x_s = x.index_select(0, token)  # [M, H]
+        h = grouped_mm(x_s, gate_up_proj, offsets)  # [M, 2F]
+        a = F.silu(h[:, :Fe]).mul_(h[:, Fe:])  # [M, F]
+        o = grouped_mm(a, down_proj, offsets)  # [M, H]
+        ctx.save_for_backward(weights, gate_up_proj, down_proj, x_s, h, a, o, order, token, inverse, offsets)
+        return _combine(o, inverse.view(T, k), weights.to(o.dtype))
+
+    @staticmethod
+    def backward(ctx, gy):
+        weights, gate_up_proj, down_proj, x_s, h, a, o, order, token, inverse, offsets = ctx.saved_tensors
+        T, k = weights.shape
+        Fe = down_proj.shape[-1]
+        go = gy.contiguous().index_select(0, token)  # [M, H] grad of each copy's output, before its weight
+        g_weights = g_gate_up = g_down = g_x = None
+        if ctx.needs_input_grad[1]:
+            g_w = torch.linalg.vecdot(go, o)  # [M]
+            g_weights = torch.empty_like(g_w).scatter_(0, order, g_w).view(T, k).to(weights.dtype)
+        go.mul_(weights.reshape(-1).index_select(0, order).to(go.dtype)[:, None])  # [M, H] grad of o
+        if ctx.needs_input_grad[4]:
+            g_down = grouped_mm_weight_grad(go, a, offsets)  # [E, H, F]
+        ga = grouped_mm(go, down_proj.transpose(1, 2), offsets)  # [M, F] grad of a
+        gate, up = h[:, :Fe], h[:, Fe:]
+        gh = torch.empty_like(h)  # [M, 2F]: grad of gate, then of up
+        torch.ops.aten.silu.out(gate, out=gh[:, Fe:]).mul_(ga)  # d/d up = silu(gate) * ga
+        torch.mul(ga, up, out=gh[:, :Fe])
+        torch.ops.aten.silu_backward.grad_input(gh[:, :Fe], gate, grad_input=gh[:, :Fe])  # d/d gate
+        if ctx.needs_input_grad[3]:
+            g_gate_up = grouped_mm_weight_grad(gh, x_s, offsets)  # [E, 2F, H]
+        if ctx.needs_input_grad[0]:
+            g_x = _combine(grouped_mm(gh, gate_up_proj.transpose(1, 2), offsets), inverse.view(T, k))  # [T, H]
+        return g_x, g_weights, None, g_gate_up, g_down
+
+
+def _combine(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """rows [M, H], index/weights [T, k] -> [T, H] = sum_j weights[:, j] * rows[index[:, j]] (weights 1 if None)."""
+    y = rows.index_select(0, index[:, 0])
+    if weights is not None:
+        y.mul_(weights[:, :1])
+    for j in range(1, index.shape[1]):
+        if weights is None:
+            y.add_(rows.index_select(0, index[:, j]))
+        else:
+            y.addcmul_(rows.index_select(0, index[:, j]), weights[:, j:j + 1])
+    return y
