@@ -57,10 +57,11 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class StreamedCheckpoint:
-    """A Llama, Mixtral or Qwen2-MoE checkpoint directory, run layer by layer in fp32 from disk."""
+    """A Llama, Mixtral or Qwen2-MoE checkpoint directory, run layer by layer in fp32 from disk (weights first
+    rounded to `round_to` if given: the dense model as it would be stored in an upcycled model's dtype)."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.source = DirSource(path)
+    def __init__(self, path: str | os.PathLike, round_to: torch.dtype | None = None):
+        self.source, self.round_to = DirSource(path), round_to
         d, name = self.source.config, os.path.join(self.source.path, "config.json")
         self.format = d.get("model_type")
         if self.format == "llama":
@@ -72,7 +73,8 @@ class StreamedCheckpoint:
                               f"{' or '.join(formats.FORMATS)}")
 
     def get(self, name: str) -> torch.Tensor:
-        return self.source.get(name)
+        t = self.source.get(name)
+        return t.to(self.round_to) if self.round_to is not None and t.is_floating_point() else t
 
     def is_moe(self, i: int) -> bool:
         return isinstance(self.config, MoEConfig) and self.config.is_moe_layer(i)
@@ -96,7 +98,8 @@ class StreamedCheckpoint:
         for e in range(cfg.num_local_experts):
             token, slot = torch.where(ids == e)
             if token.numel():
-                y.index_add_(0, token, weights[token, slot, None] * self.mlp(x[token], formats.expert_names(fmt, i, e)))
+                # a token picks an expert at most once, so `token` has no repeats
+                y[token] += weights[token, slot, None] * self.mlp(x[token], formats.expert_names(fmt, i, e))
         if cfg.has_shared_expert:
             names = formats.shared_expert_names(fmt, i)
             shared = self.mlp(x, names)
@@ -142,9 +145,10 @@ class _FFN(nn.Module):
 
 
 def verify_checkpoints(dense: str | os.PathLike, moe: str | os.PathLike, tokens: int = 32, atol: float = 1e-4,
-                       seed: int = 0, progress: bool = False) -> VerifyResult:
-    """Logits of two checkpoints (e.g. dense and upcycled) on the same `tokens` random token ids, compared."""
-    a, b = StreamedCheckpoint(dense), StreamedCheckpoint(moe)
+                       seed: int = 0, progress: bool = False, dense_dtype: torch.dtype | None = None) -> VerifyResult:
+    """Logits of two checkpoints (e.g. dense and upcycled) on the same `tokens` random token ids, compared
+    (`dense_dtype`: round the first one's weights to that dtype, for an MoE written in a lower precision)."""
+    a, b = StreamedCheckpoint(dense, dense_dtype), StreamedCheckpoint(moe)
     try:
         for f in ("vocab_size", "hidden_size", "num_hidden_layers"):
             if getattr(a.config, f) != getattr(b.config, f):

@@ -16,15 +16,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=32, help="number of random tokens (32)")
     p.add_argument("--atol", type=float, default=1e-4, help="largest accepted max |logit difference| (1e-4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random tokens (0)")
+    p.add_argument("--dense-dtype", choices=("bf16", "fp16"),
+                   help="round DENSE's weights to this dtype first (for an MoE written with upcycle --dtype)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from llama.checkpoint import dtype_from_name
     from upcycle.verify import verify_checkpoints
 
     result = verify_checkpoints(args.dense, args.moe, tokens=args.tokens, atol=args.atol, seed=args.seed,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, dense_dtype=dtype_from_name(args.dense_dtype))
     print(json.dumps(result.to_dict()) if args.json else f"{args.moe} vs {args.dense}: {result.line()}")
     return 0 if result.ok else 1
