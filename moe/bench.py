@@ -27,7 +27,7 @@ from .layer import MoEFeedForward
 CONTENDERS = ("moekit", "hf-eager", "hf-grouped_mm", "dense-equivalent")
 
 
-def _hf_block(config: MoEConfig, ours: MoEFeedForward, implementation: str) -> nn.Module:
+def hf_block(config: MoEConfig, ours: MoEFeedForward, implementation: str) -> nn.Module:
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -59,7 +59,7 @@ def bench_layer(hidden_size: int = 1024, intermediate_size: int = 2816, num_expe
     }
     if any(c.startswith("hf-") for c in contenders):
         for impl in ("eager", "grouped_mm"):
-            modules[f"hf-{impl}"] = _hf_block(config, ours, impl).to(dtype)
+            modules[f"hf-{impl}"] = hf_block(config, ours, impl).to(dtype)
     params = {name: list(m.parameters()) if isinstance(m, nn.Module) else list(ours.parameters())
               for name, m in modules.items()}
 
@@ -72,6 +72,10 @@ def bench_layer(hidden_size: int = 1024, intermediate_size: int = 2816, num_expe
             p.grad = None
         f(x.detach().requires_grad_()).backward(grad)
 
+    with torch.no_grad():  # the routed contenders compute the same function: record how closely
+        y_ref = modules["moekit"](x) if "moekit" in modules else None
+        agree = {name: (modules[name](x) - y_ref).abs().max().item() if y_ref is not None and
+                 name.startswith("hf-") else None for name in contenders}
     # Round robin: every repeat times each contender once, so load from other processes hits all of them alike.
     runs = {name: {"forward": [], "forward_backward": []} for name in contenders}
     for step in range(warmup + repeats):
@@ -86,7 +90,8 @@ def bench_layer(hidden_size: int = 1024, intermediate_size: int = 2816, num_expe
                     runs[name][kind].append(time.perf_counter() - t0)
     results = [{"name": name, "forward_s": statistics.median(r["forward"]),
                 "forward_backward_s": statistics.median(r["forward_backward"]),
-                "forward_runs_s": r["forward"], "forward_backward_runs_s": r["forward_backward"]}
+                "max_abs_diff_vs_moekit": agree[name], "forward_runs_s": r["forward"],
+                "forward_backward_runs_s": r["forward_backward"]}
                for name, r in runs.items()]
     base = next((r for r in results if r["name"] == "dense-equivalent"), None)
     for r in results:
