@@ -157,29 +157,25 @@ AMPERE = [(128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (128, 128, 32, 4, 4), (128
 
 
 @functools.cache
-def _device_limits(index: int):
+def _device_limits(index: int) -> tuple[int, int]:
+    """(compute capability major, shared memory per block in bytes) of CUDA device `index`."""
     props = torch.cuda.get_device_properties(index)
-    smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
-    return (props.major, props.minor), smem
+    return props.major, getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
 
 
 def _prune(configs, named_args, **kwargs):
     """Drop configs that overflow shared memory, or whose m-tiles dwarf the token count (decode-sized batches)."""
-    cap, smem = _device_limits(torch.cuda.current_device())
-    two_b = kwargs.get("MODE", 0) != MODE_PLAIN
-    m = named_args["M_BUCKET"] if "M_BUCKET" in named_args else 1 << 30
+    smem = _device_limits(torch.cuda.current_device())[1]
+    two_b = kwargs.get("MODE", MODE_PLAIN) != MODE_PLAIN  # SwiGLU modes load gate and up tiles of B
+    m = named_args.get("M_BUCKET", 1 << 30)
     elem = named_args["a_ptr"].element_size()
     out = []
     for c in configs:
-        bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) if "BLOCK_M" in c.kwargs else \
-            (c.kwargs[k] for k in ("BLOCK_I", "BLOCK_J", "BLOCK_K"))
-        if (bm * bk + (2 if two_b else 1) * bk * bn) * elem * c.num_stages > smem:
-            continue
-        if two_b and bm * bn > 128 * 128:  # two fp32 accumulators
-            continue
-        if bm > max(64, m):
-            continue
-        out.append(c)
+        bm, bn, bk = (c.kwargs.get(a, c.kwargs.get(b)) for a, b in (("BLOCK_M", "BLOCK_I"), ("BLOCK_N", "BLOCK_J"),
+                                                                    ("BLOCK_K", "BLOCK_K")))
+        fits = (bm * bk + (2 if two_b else 1) * bk * bn) * elem * c.num_stages <= smem
+        if fits and not (two_b and bm * bn > 128 * 128) and bm <= max(64, m):  # two_b: two fp32 accumulators
+            out.append(c)
     return out or configs[-1:]
 
 
@@ -197,13 +193,14 @@ def _tuned(name: str, hopper: bool):
 
 
 def _precision(t: torch.Tensor) -> str:
-    return "tf32" if t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """fp32 products in full precision unless torch allows TF32 (as torch.matmul); no effect on 16-bit inputs."""
+    return "ieee" if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
 def _launch(name: str, kernel, t: torch.Tensor, grid, args, consts: dict, cpu_blocks: dict):
     """Autotuned launch on CUDA; fixed CPU_BLOCK tiles on CPU tensors (only runnable under TRITON_INTERPRET=1)."""
     if t.is_cuda and not INTERPRET:
-        _tuned(name, _device_limits(t.device.index or 0)[0][0] >= 9)[grid](*args, **consts)
+        _tuned(name, _device_limits(t.device.index or 0)[0] >= 9)[grid](*args, **consts)
     else:
         kernel[grid](*args, **consts, **cpu_blocks)
 

@@ -58,7 +58,7 @@ def route(expert_ids: torch.Tensor, num_experts: int):
     hist = torch.empty(nb, E, dtype=torch.int32, device=dev)  # [nb, E]
     _hist_kernel[(nb,)](ids, hist, M, E, BLOCK=block, E_PAD=e_pad)
     incl = hist.cumsum(0)  # [nb, E] int64, copies of e in blocks <= b
-    counts = incl[-1]  # [E]
+    counts = incl[-1].clone()  # [E] (own storage: custom-op outputs must not be views)
     offsets = counts.cumsum(0)  # [E]
     base = ((offsets - counts)[None, :] + incl - hist).to(torch.int32)  # [nb, E] first sorted slot of (b, e)
     _sort_kernel[(nb,)](ids, base, order, inv, tok, M, E, TOP_K=k, BLOCK=block, E_PAD=e_pad)

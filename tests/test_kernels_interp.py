@@ -192,3 +192,39 @@ def test_public_api_with_backend_triton():
     close(y_small, ref.swiglu_experts(rs[0][:3], rs[1][:3], ids[:3], *rs[2:]), torch.float32)
     order, counts, offsets = kernels.routing_metadata(ids, 5, backend="triton")
     assert torch.equal(counts, ref.routing_metadata(ids, 5)[1])
+
+
+@case
+def test_custom_ops_pass_opcheck():
+    """Schemas, fake (meta) implementations and autograd registration, checked by torch.library.opcheck."""
+    from kernels import triton_ops  # noqa: F401  (registers the moekit:: ops)
+
+    ids, (x, weights, gate_up, down) = tensors("edges", torch.float32)
+    order, _, offsets = ref.routing_metadata(ids, gate_up.shape[0])
+    xs = ref.permute(x.detach(), order, 2).requires_grad_()
+    ops = torch.ops.moekit
+    for op, args in [(ops.route, (ids, 5)), (ops.permute, (x, order, 2)), (ops.unpermute, (xs, order, weights)),
+                     (ops.grouped_mm, (xs, gate_up, offsets)), (ops.swiglu_experts, (x, weights, ids, gate_up, down)),
+                     (ops.swiglu_experts_decode, (x.detach(), weights.detach(), ids, gate_up.detach(), down.detach()))]:
+        torch.library.opcheck(op.default, args)
+
+
+@case
+def test_torch_compile_fullgraph_traces_the_ops():
+    """No graph break around the ops (aot_eager: the CPU has no Triton codegen target), same values and gradients."""
+    import kernels
+
+    ids, ts = tensors("random", torch.float32)
+
+    def layer(x, weights, ids, gate_up, down):
+        order, _, offsets = kernels.routing_metadata(ids, gate_up.shape[0], backend="triton")
+        y = kernels.swiglu_experts(x, weights, ids, gate_up, down, backend="triton")
+        xs = kernels.permute(x, order, 2, backend="triton")
+        z = kernels.grouped_mm(xs, down.transpose(1, 2), offsets, backend="triton")  # [M, F]
+        return y.square().mean() + kernels.unpermute(z, order, weights, backend="triton").mean()
+
+    loss = torch.compile(layer, fullgraph=True, backend="aot_eager")(ts[0], ts[1], ids, ts[2], ts[3])
+    loss_eager = layer(ts[0], ts[1], ids, ts[2], ts[3])
+    torch.testing.assert_close(loss, loss_eager)
+    for ours, want in zip(torch.autograd.grad(loss, ts), torch.autograd.grad(loss_eager, ts)):
+        torch.testing.assert_close(ours, want)
