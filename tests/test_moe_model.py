@@ -101,8 +101,8 @@ def test_transformers_checkpoint_loads_in_moekit(fmt, tmp_path):
     ours = MoEForCausalLM.from_pretrained(tmp_path / "hf")
     assert ours.config.model_type == fmt
     ids = torch.randint(0, 97, (2, 11))
-    with torch.no_grad():
-        assert torch.equal(ours(ids).logits, hf(input_ids=ids).logits)
+    with torch.no_grad():  # same weights; only the order of fp32 sums differs
+        assert (ours(ids).logits - hf(input_ids=ids).logits).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("fmt", ["mixtral", "qwen2_moe"])
