@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def routing_metadata(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,9 +97,11 @@ def swiglu_experts_composed(x: torch.Tensor, weights: torch.Tensor, expert_ids: 
 
 class _SwiGLUExperts(torch.autograd.Function):
     """Forward: x_s = x[token of each sorted copy]; h = x_s W_gu^T [M, 2F]; a = silu(gate) * up [M, F];
-    o = a W_d^T [M, H]; y[t] = sum_j w[t, j] * o[copy (t, j)]. Saves x_s, h, a and o; the backward writes the
-    SwiGLU gradient straight into one [M, 2F] buffer, so it allocates no more [M, F]-sized tensors than a
-    dense SwiGLU's autograd does (on CPU, fresh large tensors cost page faults comparable to the math)."""
+    o = a W_d^T [M, H]; y[t] = sum_j w[t, j] * o[copy (t, j)]. Saves x_s, h, a and o.
+
+    The backward allocates less than a dense SwiGLU's autograd does (on CPU a fresh large tensor costs page
+    faults comparable to the arithmetic on it): unless the graph is kept (retain_graph), the SwiGLU gradient
+    [d gate | d up] is written over h's storage, with `a`'s storage as scratch."""
 
     @staticmethod
     def forward(ctx, x, weights, expert_ids, gate_up_proj, down_proj):
@@ -115,6 +118,7 @@ class _SwiGLUExperts(torch.autograd.Function):
         return _combine(o, inverse.view(T, k), weights.to(o.dtype))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
         weights, gate_up_proj, down_proj, x_s, h, a, o, order, token, inverse, offsets = ctx.saved_tensors
         T, k = weights.shape
@@ -128,16 +132,24 @@ class _SwiGLUExperts(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             g_down = grouped_mm_weight_grad(go, a, offsets)  # [E, H, F]
         ga = grouped_mm(go, down_proj.transpose(1, 2), offsets)  # [M, F] grad of a
+        reuse = not _keep_graph()  # h and a are not needed again: overwrite them
+        gh = h if reuse else torch.empty_like(h)  # [M, 2F]: grad of gate, then of up
         gate, up = h[:, :Fe], h[:, Fe:]
-        gh = torch.empty_like(h)  # [M, 2F]: grad of gate, then of up
-        torch.ops.aten.silu.out(gate, out=gh[:, Fe:]).mul_(ga)  # d/d up = silu(gate) * ga
-        torch.mul(ga, up, out=gh[:, :Fe])
-        torch.ops.aten.silu_backward.grad_input(gh[:, :Fe], gate, grad_input=gh[:, :Fe])  # d/d gate
+        ga_up = torch.mul(ga, up, out=a) if reuse else ga * up
+        torch.ops.aten.silu.out(gate, out=gh[:, Fe:]).mul_(ga)  # d up = silu(gate) * ga
+        torch.ops.aten.silu_backward.grad_input(ga_up, gate, grad_input=gh[:, :Fe])  # d gate = silu'(gate) ga up
+        del ga, ga_up
         if ctx.needs_input_grad[3]:
             g_gate_up = grouped_mm_weight_grad(gh, x_s, offsets)  # [E, 2F, H]
         if ctx.needs_input_grad[0]:
             g_x = _combine(grouped_mm(gh, gate_up_proj.transpose(1, 2), offsets), inverse.view(T, k))  # [T, H]
         return g_x, g_weights, None, g_gate_up, g_down
+
+
+def _keep_graph() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True); True when torch cannot say."""
+    get = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if get is None else bool(get())
 
 
 def _combine(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
