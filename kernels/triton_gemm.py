@@ -151,9 +151,13 @@ def _cfg(bm, bn, bk, warps, stages, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")):
 
 
 HOPPER = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-          (128, 128, 128, 8, 3), (64, 256, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]
+          (128, 128, 128, 8, 3), (64, 256, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 64, 8, 4), (128, 64, 64, 4, 4),
+          (128, 64, 64, 8, 4), (64, 64, 64, 4, 4)]
 AMPERE = [(128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (128, 128, 32, 4, 4), (128, 128, 64, 8, 3),
-          (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 32, 4, 5)]
+          (64, 128, 32, 4, 4), (64, 128, 32, 8, 4), (128, 64, 32, 4, 4), (128, 64, 32, 8, 3), (64, 64, 32, 4, 5)]
+# fp32 accumulator registers per thread above which ptxas spills (checked with ptxas -v on sm_80/sm_90): the
+# SwiGLU backward epilogue keeps more values live than the forward
+ACC_REGS = {MODE_PLAIN: 128, MODE_SWIGLU: 128, MODE_SWIGLU_BWD: 64}
 
 
 @functools.cache
@@ -164,17 +168,19 @@ def _device_limits(index: int) -> tuple[int, int]:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs that overflow shared memory, or whose m-tiles dwarf the token count (decode-sized batches)."""
+    """Drop configs that overflow shared memory or registers, or whose m-tiles dwarf the token count."""
     smem = _device_limits(torch.cuda.current_device())[1]
-    two_b = kwargs.get("MODE", MODE_PLAIN) != MODE_PLAIN  # SwiGLU modes load gate and up tiles of B
+    mode = kwargs.get("MODE", MODE_PLAIN)
+    n_b = 1 if mode == MODE_PLAIN else 2  # SwiGLU modes load gate and up tiles of B, into two accumulators
     m = named_args.get("M_BUCKET", 1 << 30)
     elem = named_args["a_ptr"].element_size()
     out = []
     for c in configs:
         bm, bn, bk = (c.kwargs.get(a, c.kwargs.get(b)) for a, b in (("BLOCK_M", "BLOCK_I"), ("BLOCK_N", "BLOCK_J"),
                                                                     ("BLOCK_K", "BLOCK_K")))
-        fits = (bm * bk + (2 if two_b else 1) * bk * bn) * elem * c.num_stages <= smem
-        if fits and not (two_b and bm * bn > 128 * 128) and bm <= max(64, m):  # two_b: two fp32 accumulators
+        fits = (bm * bk + n_b * bk * bn) * elem * c.num_stages <= smem
+        regs = n_b * bm * bn // (32 * c.num_warps)
+        if fits and regs <= ACC_REGS[mode] and bm <= max(64, m):
             out.append(c)
     return out or configs[-1:]
 

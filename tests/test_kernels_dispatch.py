@@ -75,20 +75,20 @@ def test_bench_gemm_runs_on_cpu(tmp_path, capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_autotune_pruning(monkeypatch):
-    """The CUDA config lists, pruned for shared memory (H100: 227 KiB), accumulator pressure and tiny batches."""
+    """The CUDA config lists, pruned for shared memory (H100: 227 KiB), accumulator registers and tiny batches."""
     from kernels import triton_gemm as g
 
     monkeypatch.setattr(g, "_device_limits", lambda index: (9, 227 * 1024))
     monkeypatch.setattr(g.torch.cuda, "current_device", lambda: 0)
-    configs = [g._cfg(*s) for s in g.HOPPER]
     a = torch.empty(0, dtype=torch.bfloat16)
-    blocks = lambda cs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in cs}
-    plain = g._prune(configs, {"a_ptr": a, "M_BUCKET": 1 << 17}, MODE=g.MODE_PLAIN)
-    assert blocks(plain) == {s[:3] for s in g.HOPPER}  # all fit 227 KiB with one B tile
-    swiglu = g._prune(configs, {"a_ptr": a, "M_BUCKET": 1 << 17}, MODE=g.MODE_SWIGLU)
-    assert blocks(swiglu) == {(128, 128, 64), (64, 128, 64), (128, 64, 64), (64, 64, 64)}
-    decode = g._prune(configs, {"a_ptr": a, "M_BUCKET": 8}, MODE=g.MODE_PLAIN)
-    assert {b[0] for b in blocks(decode)} == {64}
-    monkeypatch.setattr(g, "_device_limits", lambda index: (8, 99 * 1024))  # e.g. an RTX 3090 (sm86)
-    ampere = g._prune([g._cfg(*s) for s in g.AMPERE], {"a_ptr": a, "M_BUCKET": 1 << 17}, MODE=g.MODE_SWIGLU)
-    assert blocks(ampere) == {(128, 128, 32), (64, 128, 32), (128, 64, 32), (64, 64, 32)}
+    tiles = lambda cs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in cs}
+    prune = lambda shapes, mode, m=1 << 17: tiles(g._prune([g._cfg(*s) for s in shapes], {"a_ptr": a, "M_BUCKET": m},
+                                                           MODE=mode))
+    assert prune(g.HOPPER, g.MODE_PLAIN) == {s[:4] for s in g.HOPPER}  # one B tile: everything fits
+    assert prune(g.HOPPER, g.MODE_SWIGLU) == {(128, 128, 64, 8), (64, 128, 64, 4), (64, 128, 64, 8),
+                                              (128, 64, 64, 4), (128, 64, 64, 8), (64, 64, 64, 4)}
+    assert prune(g.HOPPER, g.MODE_SWIGLU_BWD) == {(64, 128, 64, 8), (128, 64, 64, 8), (64, 64, 64, 4)}
+    assert {t[0] for t in prune(g.HOPPER, g.MODE_PLAIN, m=8)} == {64}  # decode-sized batch: no 128-row tiles
+    monkeypatch.setattr(g, "_device_limits", lambda index: (8, 99 * 1024))  # e.g. an RTX 3090 (sm_86)
+    assert prune(g.AMPERE, g.MODE_SWIGLU) == {(64, 128, 32, 4), (64, 128, 32, 8), (128, 64, 32, 4),
+                                              (128, 64, 32, 8), (64, 64, 32, 4)}
