@@ -124,7 +124,7 @@ def test_killed_mid_write_leaves_no_dst_and_the_next_run_cleans_up(tmp_path, den
     assert marker.exists(), "the child never reached the middle of the write"
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
-    tmp = [n for n in left_behind(str(dst))]
+    tmp = left_behind(str(dst))
     assert len(tmp) == 1 and tmp[0].startswith(f"moe.tmp-{child.pid}-") and not dst.exists()
     assert any(n.endswith(".safetensors") for n in os.listdir(tmp_path / tmp[0]))  # it was writing shards
     assert run_upcycle(capsys, dense_dir, dst, "--num-experts", "4")[0] == 0

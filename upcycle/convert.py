@@ -47,15 +47,17 @@ RECORD_NAME = "upcycling.json"
 
 
 class _Context:
-    """What a recipe step may read: dense tensors (the last one cached) and per-matrix statistics (cached)."""
+    """What a recipe step may read: dense tensors, as stored or cast to a dtype (the last one cached, so the E
+    experts made from one dense matrix read it once), and per-matrix statistics (cached)."""
 
     def __init__(self, source):
-        self.source, self.name, self.tensor, self._stats = source, None, None, {}
+        self.source, self.key, self.tensor, self._stats = source, None, None, {}
 
-    def __call__(self, name: str) -> torch.Tensor:
-        if name != self.name:
+    def __call__(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if (name, dtype) != self.key:
             self.tensor = None  # drop the previous matrix before reading the next
-            self.tensor, self.name = self.source.get(name), name
+            t = self.source.get(name)
+            self.tensor, self.key = (t if dtype is None else t.to(dtype)), (name, dtype)
         return self.tensor
 
     def stats(self, key, w: torch.Tensor) -> tuple[float, float]:
@@ -186,7 +188,8 @@ def _expert_maker(o: UpcycleOptions, i: int, j: int, role: str, dense_name: str,
                   scales: dict | None, dtype: torch.dtype) -> Callable[[_Context], torch.Tensor]:
     """How expert j of layer i gets its `role` matrix from shard `shard` of the dense one."""
     def make(ctx: _Context) -> torch.Tensor:
-        w = recipes.shard(ctx(dense_name), role, shard, G)  # [F/G, H] or [H, F/G], a view
+        exact_copy = o.recipe in ("copy", "granular")  # cast once, then slice (noise / drop use the source values)
+        w = recipes.shard(ctx(dense_name, dtype if exact_copy else None), role, shard, G)  # [F/G, H] | [H, F/G] view
         if o.recipe == "noise":
             std = ctx.stats((dense_name, shard), w)[1]
             return recipes.noise_expert(w, o.noise_scale, recipes.generator(o.seed, i, j, _TAG[role]), dtype, std)
