@@ -119,3 +119,21 @@ def test_moekit_checkpoint_loads_in_transformers(fmt, tmp_path):
         ref = ours(ids).logits
         assert (hf(input_ids=ids).logits - ref).abs().max().item() <= 1e-5
         assert torch.equal(back(ids).logits, ref)
+
+
+def test_cached_generation_equals_uncached():
+    model = MoEForCausalLM(qwen_tiny()).eval()
+    prompt = torch.randint(0, 97, (2, 4))
+    cached = model.generate(prompt, max_new_tokens=6)
+    assert torch.equal(cached, model.generate(prompt, max_new_tokens=6, use_cache=False))
+    for t in range(4, 10):
+        assert torch.equal(model(cached[:, :t]).logits[:, -1].argmax(-1), cached[:, t])
+
+
+def test_bf16_forward_backward_keeps_router_in_fp32():
+    model = MoEForCausalLM(qwen_tiny(router_z_loss_coef=1e-3)).to(torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 8))
+    out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and out.aux_loss.dtype == torch.float32
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in model.parameters())
