@@ -29,7 +29,8 @@ ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausa
 _PREFIX = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp"}
 _EXPERT = {"mixtral": {"gate": "w1", "up": "w3", "down": "w2"},
            "qwen2_moe": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}}
-# moekit fields with no meaning to transformers: dropped from an HF config.json (training-only ones are kept).
+# MoE fields dropped from an HF config.json, then written back under the format's names where it has them;
+# training-only fields transformers ignores (router_z_loss_coef, router_bias_update_rate) are kept.
 _OURS_ONLY = ("num_shared_experts", "shared_expert_gate", "router_score", "capacity_factor", "first_k_dense_replace",
               "qkv_bias", "attention_bias", "mlp_bias", "moe_intermediate_size", "shared_expert_intermediate_size",
               "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "num_local_experts")
