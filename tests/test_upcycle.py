@@ -221,3 +221,15 @@ def test_a_failed_exactness_check_publishes_nothing(tmp_path, dense_dir, monkeyp
     with pytest.raises(VerifyError, match="should reproduce the dense model but max"):
         upcycle(dense_dir, tmp_path / "moe", UpcycleOptions(num_experts=2, shared_experts=1), progress=False, log=None)
     assert os.listdir(tmp_path) == []
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    import transformers
+
+    torch.manual_seed(2)
+    dense = Llama(tiny_config(tie_word_embeddings=True, num_hidden_layers=2)).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    upcycle(tmp_path / "dense", tmp_path / "moe", UpcycleOptions(num_experts=2), progress=False, log=None)
+    assert "lm_head.weight" not in read_tensors(tmp_path / "moe")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    assert hf.config.tie_word_embeddings and (logits(hf) - logits(dense)).abs().max() <= 1e-5

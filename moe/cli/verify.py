@@ -13,9 +13,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        "logit difference. Exit code 1 when it is above --atol.")
     p.add_argument("dense", metavar="DENSE", help="reference checkpoint directory (the dense source)")
     p.add_argument("moe", metavar="MOE", help="checkpoint directory to check (the upcycled model)")
-    p.add_argument("--tokens", type=int, default=32, help="number of random tokens (32)")
-    p.add_argument("--atol", type=float, default=1e-4, help="largest accepted max |logit difference| (1e-4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens (0)")
+    p.add_argument("--tokens", metavar="N", type=int, default=32, help="number of random tokens (32)")
+    p.add_argument("--atol", metavar="ATOL", type=float, default=1e-4, help="largest accepted max |logit difference| (1e-4)")
+    p.add_argument("--seed", metavar="N", type=int, default=0, help="seed of the random tokens (0)")
     p.add_argument("--dense-dtype", choices=("bf16", "fp16"),
                    help="round DENSE's weights to this dtype first (for an MoE written with upcycle --dtype)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
