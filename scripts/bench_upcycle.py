@@ -118,8 +118,9 @@ def main() -> int:
     print(f"source {src_bytes / 1e9:.2f} GB, output {out_bytes / 1e9:.2f} GB, under {work}", flush=True)
 
     t0 = time.perf_counter()
-    if not (src / "config.json").exists() or dir_bytes(src) < src_bytes:
-        generate_dense(src, config, torch.bfloat16)
+    cached = json.loads((src / "config.json").read_text()) if (src / "config.json").exists() else {}
+    if any(cached.get(k) != v for k, v in config.to_dict().items()):
+        generate_dense(src, config, torch.bfloat16)  # none kept by an earlier --keep run, or another shape
     print(f"generated the dense checkpoint in {time.perf_counter() - t0:.1f} s", flush=True)
 
     py = [sys.executable, "-m", "moe"]
