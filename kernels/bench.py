@@ -162,6 +162,7 @@ def _commit() -> str | None:
 
 
 def _write_json(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
@@ -218,7 +219,7 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="bench-gemm.json", help="where to write the results")
+    p.add_argument("--json", default="runs/bench/gemm.json", help="where to write the results (runs/bench/gemm.json)")
     return p.parse_args(argv)
 
 
