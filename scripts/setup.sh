@@ -6,7 +6,8 @@ PY=.venv/bin/python
 [ -x "$PY" ] || python3 -m venv .venv
 stamp=".venv/.moekit-$(cat pyproject.toml | sha1sum | cut -c1-12)"
 [ -f "$stamp" ] && exit 0
-pip() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+# (this machine's pip config names local index folders that may not exist: drop pip's warning for each)
+pip() { "$PY" -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 if ! "$PY" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         pip torch
