@@ -1,5 +1,5 @@
-"""`moekit bench layer` (one routed layer against transformers' Mixtral block and a dense SwiGLU) and
-`moekit bench gemm` (the grouped-GEMM kernels, see kernels/bench.py)."""
+"""`moekit bench layer` (one routed layer against transformers' Mixtral block, megablocks and a dense SwiGLU, on CPU
+or CUDA) and `moekit bench gemm` (the grouped-GEMM kernels, see kernels/bench.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import argparse
 import torch
 
 from llama.checkpoint import dtype_from_name
+from llama.errors import MoekitError
+from moe.bench import CONTENDERS, PRESETS
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -17,18 +19,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
     layer = which.add_parser("layer", help="our MoE layer vs transformers' Mixtral block vs a dense SwiGLU",
                              description="Forward and forward+backward of one routed SwiGLU layer, side by side: "
                              "moekit, transformers' MixtralSparseMoeBlock with its eager and grouped_mm experts "
-                             "implementations, and a dense SwiGLU of width k*F (the same active FLOPs).")
-    layer.add_argument("--hidden", type=int, default=1024, help="H (1024)")
-    layer.add_argument("--ffn", type=int, default=2816, help="expert width F (2816)")
-    layer.add_argument("--experts", type=int, default=8, help="E (8)")
-    layer.add_argument("--top-k", type=int, default=2, help="k (2)")
-    layer.add_argument("--tokens", type=int, default=4096, help="T (4096)")
-    layer.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp32")
-    layer.add_argument("--repeats", type=int, default=5, help="timed runs of each contender, round robin (5)")
-    layer.add_argument("--warmup", type=int, default=1, help="untimed runs first (1)")
+                             "implementations, megablocks' dropless experts (CUDA, when installed) and a dense "
+                             "SwiGLU of width k*F (the same active FLOPs). One table per --tokens value. On a GPU, "
+                             "issue 6's figures: moekit bench layer --preset mixtral --device cuda --json PATH.")
+    layer.add_argument("--preset", choices=sorted(PRESETS), help="mixtral: Mixtral-8x7B's experts, H=4096 F=14336 "
+                       "E=8 k=2, bf16, 4096 16384 65536 tokens (options given as well override it)")
+    layer.add_argument("--hidden", type=int, help="H (1024)")
+    layer.add_argument("--ffn", type=int, help="expert width F (2816)")
+    layer.add_argument("--experts", type=int, help="E (8)")
+    layer.add_argument("--top-k", type=int, help="k (2)")
+    layer.add_argument("--tokens", type=int, nargs="+", metavar="T", help="token counts, one table each (4096)")
+    layer.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="fp32 on CPU, bf16 on CUDA")
+    layer.add_argument("--device", default="auto", help="auto (cuda if torch sees a GPU, else cpu), cpu, cuda")
+    layer.add_argument("--repeats", type=int, help="timed runs of each contender, round robin (5 on CPU, 10 on CUDA)")
+    layer.add_argument("--warmup", type=int, help="untimed runs first (1 on CPU, 2 on CUDA)")
     layer.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    layer.add_argument("--only", nargs="+", choices=["moekit", "hf-eager", "hf-grouped_mm", "dense-equivalent"],
-                       help="time only these contenders")
+    layer.add_argument("--only", nargs="+", choices=CONTENDERS, metavar="NAME",
+                       help=f"time only these contenders, of {', '.join(CONTENDERS)} (default: all but megablocks "
+                       "on CPU; moekit, hf-grouped_mm, megablocks if installed and dense-equivalent on CUDA)")
     layer.add_argument("--json", metavar="PATH", help="write the results as JSON")
     gemm = which.add_parser("gemm", help="grouped-GEMM kernels (options: moekit bench gemm -- --help)",
                             add_help=False)
@@ -41,15 +49,21 @@ def run(args) -> int:
         from kernels.bench import main
 
         return main([a for a in args.args if a != "--"])
-    from moe.bench import CONTENDERS, bench_layer, format_table, write_json
+    from moe.bench import bench_layer, format_table, write_json
 
-    for name in ("hidden", "ffn", "experts", "top_k", "tokens", "repeats"):
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"moekit bench layer: --{name.replace('_', '-')} must be positive")
+    kwargs = dict(PRESETS[args.preset]) if args.preset else {}
+    given = dict(hidden_size=args.hidden, intermediate_size=args.ffn, num_experts=args.experts, top_k=args.top_k,
+                 tokens=args.tokens, dtype=dtype_from_name(args.dtype), repeats=args.repeats, warmup=args.warmup)
+    kwargs.update({k: v for k, v in given.items() if v is not None})
+    for flag, v in (("hidden", args.hidden), ("ffn", args.ffn), ("experts", args.experts), ("top-k", args.top_k),
+                    ("repeats", args.repeats), *(("tokens", t) for t in args.tokens or ())):
+        if v is not None and v <= 0:
+            raise MoekitError(f"--{flag} must be positive, got {v}")
+    if args.warmup is not None and args.warmup < 0:
+        raise MoekitError(f"--warmup must be at least 0, got {args.warmup}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = bench_layer(args.hidden, args.ffn, args.experts, args.top_k, args.tokens, dtype_from_name(args.dtype),
-                         args.repeats, args.warmup, tuple(args.only or CONTENDERS))
+    report = bench_layer(**kwargs, contenders=args.only, device=args.device)
     print(format_table(report))
     if args.json:
         write_json(report, args.json)
