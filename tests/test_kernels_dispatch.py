@@ -73,6 +73,17 @@ def test_bench_gemm_runs_on_cpu(tmp_path, capsys):
     assert "TFLOP/s" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("sep", [[], ["--"]], ids=["plain", "double-dash"])
+def test_moekit_bench_gemm_passes_its_options_through(tmp_path, sep):
+    from moe.cli import main
+
+    out = tmp_path / "gemm.json"
+    argv = ["bench", "gemm", *sep, "--tokens", "16", "--hidden", "16", "--ffn", "24", "--experts", "2", "--iters",
+            "1", "--warmup", "0", "--sections", "gemm", "--json", str(out)]
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["shapes"] == {"hidden": 16, "ffn": 24, "experts": 2, "top_k": 2}
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_autotune_pruning(monkeypatch):
     """The CUDA config lists, pruned for shared memory (H100: 227 KiB), accumulator registers and tiny batches."""
