@@ -171,7 +171,7 @@ class CheckpointReader:
 # ---- writing ------------------------------------------------------------------------------------
 
 class AtomicDir:
-    """Build a directory in ``DST.tmp-PID-XXXX`` and rename it to DST on success; remove it on failure.
+    """Build a directory in ``DST.tmp-PID-<random>`` and rename it to DST on success; remove it on failure.
 
     An existing DST is refused unless ``force``; stale temporaries of dead processes are cleaned first."""
 
