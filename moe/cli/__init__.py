@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from llama.errors import MoekitError
 
-SUBCOMMANDS: tuple[str, ...] = ("upcycle", "verify", "params", "bench")  # module names under moe.cli, in --help order
+SUBCOMMANDS: tuple[str, ...] = ("upcycle", "verify", "params", "train", "bench")  # module names under moe.cli, in --help order
 
 
 def _version() -> str:
