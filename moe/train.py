@@ -159,13 +159,17 @@ def evaluate(model, data: TokenData, cfg: TrainConfig, accelerator) -> float:
     return accelerator.reduce(torch.stack(losses).mean(), "mean").item()
 
 
-def save_checkpoint(model: nn.Module, directory: str) -> None:
-    """model.save_pretrained into an existing directory (keeping its other files), in the source's HF format."""
-    tmp = os.path.join(directory, ".checkpoint")
-    kw = {}
+def _format(model: nn.Module) -> dict:
+    """save_pretrained keywords that keep an MoE checkpoint's HF format (mixtral / qwen2_moe) as it was read."""
     if isinstance(model, MoEForCausalLM) and model.config.model_type in ("mixtral", "qwen2_moe"):
-        kw["format"] = model.config.model_type
-    model.save_pretrained(tmp, force=True, **kw)
+        return {"format": model.config.model_type}
+    return {}
+
+
+def save_checkpoint(model: nn.Module, directory: str) -> None:
+    """model.save_pretrained into an existing directory, keeping the files already there."""
+    tmp = os.path.join(directory, ".checkpoint")
+    model.save_pretrained(tmp, force=True, **_format(model))
     for name in os.listdir(tmp):
         os.replace(os.path.join(tmp, name), os.path.join(directory, name))
     shutil.rmtree(tmp)
@@ -256,7 +260,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 accelerator.wait_for_everyone()
                 if tmp:
-                    raw.save_pretrained(os.path.join(tmp, f"step-{step:06d}"))
+                    raw.save_pretrained(os.path.join(tmp, f"step-{step:06d}"), **_format(raw))
         bar.close()
         seconds = time.perf_counter() - start
         accelerator.wait_for_everyone()

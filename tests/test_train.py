@@ -151,3 +151,16 @@ def test_text_and_npy_data(tmp_path):
         r = train(TrainConfig(model="tiny", data=data, steps=2, batch_size=2, seq_len=16, eval_batches=1,
                               progress=False), log=None)
         assert np.isfinite(r.val_loss)
+
+
+def test_checkpoint_source_keeps_its_format_and_save_every(tmp_path):
+    from moe.config import MoEConfig
+
+    MoEForCausalLM(MoEConfig.from_name("tiny-moe-shared")).save_pretrained(tmp_path / "src")  # qwen2_moe
+    out = tmp_path / "out"
+    r = train(TrainConfig(model=str(tmp_path / "src"), out=str(out), steps=4, batch_size=2, seq_len=16,
+                          eval_batches=1, save_every=2, progress=False), log=None)
+    assert isinstance(r.model, MoEForCausalLM) and (out / "step-000002" / "model.safetensors").is_file()
+    for d in (out, out / "step-000002"):
+        assert json.loads((d / "config.json").read_text())["model_type"] == "qwen2_moe"
+    assert json.loads((out / "train_config.json").read_text())["source"] == str(tmp_path / "src")
