@@ -102,8 +102,11 @@ def load_model(source: str, seed: int = 0, router_bias_rate: float | None = None
         path = os.path.join(source, "config.json")
         if not os.path.isfile(path):
             raise CheckpointError(f"{source}: no config.json (expected a Hugging Face model directory)")
-        with open(path) as f:
-            d = json.load(f)
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
         model_type = d.get("model_type")
         if model_type == "llama":
             model = Llama.from_pretrained(source)

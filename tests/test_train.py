@@ -120,7 +120,8 @@ def _small_vocab_checkpoint(path):
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["missing-data", "exists", "small-vocab", "seq-too-long", "npy-ids", "steps"])
+@pytest.mark.parametrize("case", ["missing-data", "exists", "small-vocab", "seq-too-long", "npy-ids", "steps",
+                                  "bad-config", "unknown-model"])
 def test_cli_errors_are_one_line_and_write_nothing(case, tmp_path, capsys):
     out, model, extra = tmp_path / "out", "tiny", []
     if case == "missing-data":
@@ -136,6 +137,12 @@ def test_cli_errors_are_one_line_and_write_nothing(case, tmp_path, capsys):
         extra = ["--data", str(tmp_path / "ids.npy")]
     elif case == "steps":
         extra = ["--steps", "0"]
+    elif case == "bad-config":
+        (tmp_path / "ckpt").mkdir()
+        (tmp_path / "ckpt" / "config.json").write_text("{not json")
+        model = str(tmp_path / "ckpt")
+    elif case == "unknown-model":
+        model = "no-such-preset"
     assert main(["train", model, "--out", str(out), *CLI_FAST, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("moekit train: error:") and "\n" not in err, err
