@@ -256,7 +256,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
                 train_loss, sums, last_log, last_time = means["loss"], {}, step, now
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 val = evaluate(model, data, cfg, accelerator)
-                entry["val_loss"] = round(val, 5)
+                entry["val_loss"], last_time = round(val, 5), time.perf_counter()  # tokens/s leaves eval out
             if entry:
                 record({"step": step, "tokens": step * tokens_per_step, **entry})
                 bar.set_postfix_str(f"loss {train_loss:.4f} val {val:.4f} lr {lr:.2e}")
