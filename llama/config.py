@@ -14,6 +14,27 @@ from .errors import ConfigError
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
+def config_path(path: str | os.PathLike) -> str:
+    """A model directory's config.json, or the path itself when it names a file."""
+    path = str(path)
+    return os.path.join(path, "config.json") if os.path.isdir(path) else path
+
+
+def read_config_json(path: str | os.PathLike) -> dict:
+    """The JSON object in a config.json (or a directory's), with one-line errors for a missing or bad file."""
+    path = config_path(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config.json not found")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return d
+
+
 @dataclass
 class LlamaConfig:
     vocab_size: int = 32000
@@ -147,19 +168,8 @@ class LlamaConfig:
         s = str(path_or_text)
         if s.lstrip().startswith("{"):
             return cls.from_dict(json.loads(s))
-        path = s
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path}: config.json not found")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(d, source=path)
+        path = config_path(s)
+        return cls.from_dict(read_config_json(path), source=path)
 
     def replace(self, **changes) -> LlamaConfig:
         """A copy with fields changed."""

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from llama.checkpoint import AtomicDir, write_json
-from llama.config import LLAMA_PRESETS, LlamaConfig
+from llama.config import LLAMA_PRESETS, LlamaConfig, config_path, read_config_json
 from llama.errors import CheckpointError, ConfigError
 from llama.model import Llama
 
@@ -99,15 +99,8 @@ class TrainResult:
 def load_model(source: str, seed: int = 0, router_bias_rate: float | None = None) -> tuple[nn.Module, str]:
     """A checkpoint directory (Llama or MoE by config.json's model_type) or a preset (random init, seeded)."""
     if os.path.isdir(source):
-        path = os.path.join(source, "config.json")
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{source}: no config.json (expected a Hugging Face model directory)")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-        model_type = d.get("model_type")
+        path = config_path(source)
+        model_type = read_config_json(path).get("model_type")
         if model_type == "llama":
             model = Llama.from_pretrained(source)
         elif model_type in MOE_TYPES:
