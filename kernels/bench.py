@@ -152,23 +152,30 @@ def _table(rows) -> str:
     return "\n".join(lines)
 
 
-def _commit() -> str | None:
+def git_commit() -> str | None:
+    """The short commit of this checkout, or None outside a git checkout."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or None
-    except OSError:
+    except (OSError, subprocess.SubprocessError):
         return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
-def _write_json(path: str, data: dict) -> None:
+def write_json_atomic(path: str, data: dict) -> None:
+    """JSON to `path` (its directory made if missing) through a temporary file, fsynced, then renamed."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def run(args) -> dict:
@@ -199,7 +206,7 @@ def run(args) -> dict:
     if args.decode and on_cuda and dispatch.HAS_TRITON:
         rows += _decode_rows(args, device, dtype)
     name = torch.cuda.get_device_name(device) if on_cuda else f"CPU ({platform.processor() or platform.machine()})"
-    return {"device": name, "commit": _commit(), "torch": torch.__version__, "dtype": str(dtype).split(".")[-1],
+    return {"device": name, "commit": git_commit(), "torch": torch.__version__, "dtype": str(dtype).split(".")[-1],
             "shapes": {"hidden": H, "ffn": Fw, "experts": E, "top_k": k}, "rows": rows}
 
 
@@ -228,7 +235,7 @@ def main(argv=None) -> int:
     result = run(args)
     print(f"{result['device']}, {result['dtype']}, commit {result['commit']}, shapes {result['shapes']}")
     print(_table(result["rows"]))
-    _write_json(args.json, result)
+    write_json_atomic(args.json, result)
     print(f"wrote {args.json}")
     return 0
 

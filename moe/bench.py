@@ -31,20 +31,17 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
-import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from kernels import megablocks
+from kernels.bench import git_commit
 from llama.errors import MoekitError
 from llama.model import MLP
 
@@ -174,15 +171,6 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 def bench_layer(hidden_size: int = 1024, intermediate_size: int = 2816, num_experts: int = 8, top_k: int = 2,
                 tokens: int | Sequence[int] = 4096, dtype: torch.dtype | None = None, repeats: int | None = None,
                 warmup: int | None = None, contenders: Sequence[str] | None = None, seed: int = 0,
@@ -229,7 +217,7 @@ def bench_layer(hidden_size: int = 1024, intermediate_size: int = 2816, num_expe
                  contenders=list(contenders), left_out=left_out, device=device.type,
                  gpu=torch.cuda.get_device_name(device) if on_cuda else None, threads=torch.get_num_threads(),
                  torch=torch.__version__, cuda=torch.version.cuda, triton=_version("triton"),
-                 transformers=_version("transformers"), megablocks=_version("megablocks"), commit=_git_commit(),
+                 transformers=_version("transformers"), megablocks=_version("megablocks"), commit=git_commit(),
                  machine=f"{platform.machine()}, {platform.processor() or platform.system()}")
     return {"setup": setup, "runs": runs}
 
@@ -331,18 +319,3 @@ def format_table(report: dict) -> str:
                             f"{run['syncs_in_forward']}")
         blocks.append("\n".join(rows))
     return "\n\n".join(blocks)
-
-
-def write_json(report: dict, path: str) -> None:
-    """Atomically: a temporary file beside `path`, fsynced, then renamed over it."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

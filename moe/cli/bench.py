@@ -49,7 +49,8 @@ def run(args) -> int:
         from kernels.bench import main
 
         return main([a for a in args.args if a != "--"])
-    from moe.bench import bench_layer, format_table, write_json
+    from kernels.bench import write_json_atomic
+    from moe.bench import bench_layer, format_table
 
     kwargs = dict(PRESETS[args.preset]) if args.preset else {}
     given = dict(hidden_size=args.hidden, intermediate_size=args.ffn, num_experts=args.experts, top_k=args.top_k,
@@ -66,6 +67,6 @@ def run(args) -> int:
     report = bench_layer(**kwargs, contenders=args.only, device=args.device)
     print(format_table(report))
     if args.json:
-        write_json(report, args.json)
+        write_json_atomic(args.json, report)
         print(f"wrote {args.json}")
     return 0
