@@ -210,8 +210,8 @@ def run(args) -> dict:
             "shapes": {"hidden": H, "ffn": Fw, "experts": E, "top_k": k}, "rows": rows}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="moekit bench gemm", description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `moekit bench gemm` (also this module's own command line)."""
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--ffn", type=int, default=14336)
@@ -227,11 +227,20 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="runs/bench/gemm.json", help="where to write the results (runs/bench/gemm.json)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="moekit bench gemm", description=__doc__.split("\n")[0])
+    return add_arguments(p).parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return report(parse_args(argv))
+
+
+def report(args: argparse.Namespace) -> int:
+    """Run, print the table, write the JSON."""
     result = run(args)
     print(f"{result['device']}, {result['dtype']}, commit {result['commit']}, shapes {result['shapes']}")
     print(_table(result["rows"]))

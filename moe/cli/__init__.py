@@ -34,12 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    i = argv.index("bench") if "bench" in argv else -1
-    if argv[i + 1:i + 2] == ["gemm"] and all(a.startswith("-") for a in argv[:i]):
-        from kernels.bench import main as bench_gemm  # its options are its own parser's: pass them through
-
-        return bench_gemm([a for a in argv[i + 2:] if a != "--"])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):

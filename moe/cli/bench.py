@@ -7,6 +7,7 @@ import argparse
 
 import torch
 
+from kernels import bench as kernels_bench
 from llama.checkpoint import dtype_from_name
 from llama.errors import MoekitError
 from moe.bench import CONTENDERS, PRESETS
@@ -38,18 +39,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        help=f"time only these contenders, of {', '.join(CONTENDERS)} (default: all but megablocks "
                        "on CPU; moekit, hf-grouped_mm, megablocks if installed and dense-equivalent on CUDA)")
     layer.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    gemm = which.add_parser("gemm", help="grouped-GEMM kernels (options: moekit bench gemm --help)",
-                            add_help=False)
-    gemm.add_argument("args", nargs=argparse.REMAINDER)
+    gemm = kernels_bench.add_arguments(which.add_parser(
+        "gemm", help="grouped-GEMM kernels vs torch's grouped_mm vs a dense matmul",
+        description=kernels_bench.__doc__.split("\n")[0]))
+    gemm.add_argument("after_dashes", nargs="*", help=argparse.SUPPRESS)  # `bench gemm -- OPTIONS` (older form)
     return p
 
 
 def run(args) -> int:
-    if args.bench == "gemm":  # reached only through build_parser() directly; moekit's main passes gemm through
-        from kernels.bench import main
-
-        return main([a for a in args.args if a != "--"])
-    from kernels.bench import write_json_atomic
+    if args.bench == "gemm":
+        return kernels_bench.report(kernels_bench.parse_args(args.after_dashes) if args.after_dashes else args)
     from moe.bench import bench_layer, format_table
 
     kwargs = dict(PRESETS[args.preset]) if args.preset else {}
@@ -67,6 +66,6 @@ def run(args) -> int:
     report = bench_layer(**kwargs, contenders=args.only, device=args.device)
     print(format_table(report))
     if args.json:
-        write_json_atomic(args.json, report)
+        kernels_bench.write_json_atomic(args.json, report)
         print(f"wrote {args.json}")
     return 0
