@@ -36,45 +36,34 @@ def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
     return backend
 
 
-def _only(backend: str, op: str) -> None:
-    if backend == "megablocks":
+def _impl(op: str, backend: str | None, x: torch.Tensor):
+    """The implementation of `op` (a name in reference and triton_ops) that `backend` picks for x."""
+    b = resolve_backend(backend, x)
+    if b == "megablocks":
         raise ValueError(f"backend='megablocks' covers swiglu_experts only, not {op}")
+    return getattr(reference if b == "torch" else _triton_ops(), op)
 
 
 def routing_metadata(expert_ids: torch.Tensor, num_experts: int, *, backend: str | None = None):
     """expert_ids [T, k] -> order [M], counts [E], offsets [E] int32 (see reference.routing_metadata)."""
-    b = resolve_backend(backend, expert_ids)
-    _only(b, "routing_metadata")
-    if b == "torch":
-        return reference.routing_metadata(expert_ids, num_experts)
-    return _triton_ops().routing_metadata(expert_ids, num_experts)
+    return _impl("routing_metadata", backend, expert_ids)(expert_ids, num_experts)
 
 
 def permute(x: torch.Tensor, order: torch.Tensor, top_k: int, *, backend: str | None = None) -> torch.Tensor:
     """x [T, H] -> x_sorted [M, H] (see reference.permute)."""
-    b = resolve_backend(backend, x)
-    _only(b, "permute")
-    return reference.permute(x, order, top_k) if b == "torch" else _triton_ops().permute(x, order, top_k)
+    return _impl("permute", backend, x)(x, order, top_k)
 
 
 def grouped_mm(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, *,
                backend: str | None = None) -> torch.Tensor:
     """x_sorted [M, in], weight [E, out, in], offsets [E] -> [M, out] (see reference.grouped_mm)."""
-    b = resolve_backend(backend, x_sorted)
-    _only(b, "grouped_mm")
-    if b == "torch":
-        return reference.grouped_mm(x_sorted, weight, offsets)
-    return _triton_ops().grouped_mm(x_sorted, weight, offsets)
+    return _impl("grouped_mm", backend, x_sorted)(x_sorted, weight, offsets)
 
 
 def unpermute(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, *,
               backend: str | None = None) -> torch.Tensor:
     """y_sorted [M, H], order [M], weights [T, k] -> y [T, H] (see reference.unpermute)."""
-    b = resolve_backend(backend, y_sorted)
-    _only(b, "unpermute")
-    if b == "torch":
-        return reference.unpermute(y_sorted, order, weights)
-    return _triton_ops().unpermute(y_sorted, order, weights)
+    return _impl("unpermute", backend, y_sorted)(y_sorted, order, weights)
 
 
 def _check(x, weights, expert_ids, gate_up_proj, down_proj) -> None:
