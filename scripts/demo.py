@@ -93,7 +93,8 @@ def main() -> None:
     print(f"{'model':<16} {'total':>10} {'active':>10} {'val loss before':>16} {'after':>7} {'train s':>8}  "
           "greedy after '417+86='")
     for name, cls in (("dense", Llama), ("moe", MoEForCausalLM)):
-        run = json.load(open(os.path.join(d[f"{name}-continued"], "train_config.json")))
+        with open(os.path.join(d[f"{name}-continued"], "train_config.json")) as f:
+            run = json.load(f)
         count = params(d[f"{name}-continued"])
         text = complete(cls.from_pretrained(d[f"{name}-continued"]), "417+86=")
         print(f"{name:<16} {count['total_params']:>10,} {count['active_params']:>10,} "
