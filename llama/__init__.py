@@ -1,9 +1,17 @@
-"""The dense Llama core: config and presets, model, generation, Hugging Face checkpoint I/O."""
+"""The dense core and the ground floor of the house: the Llama config (Hugging Face field names, presets), model
+(RMSNorm, RoPE, GQA attention, SwiGLU MLP, a decoder layer that takes any feed-forward module, KV-cache
+generation), and what every other room shares: safetensors checkpoint reading and writing (`checkpoint`), atomic
+files and directories and config.json reading (`io`), option declarations (`options`) and the errors users see
+(`errors`). It imports nothing of moekit's; everything else may import it. Exports load on first use."""
 
-from .checkpoint import AtomicDir, CheckpointReader, ShardedWriter
-from .config import LLAMA_PRESETS, LlamaConfig
-from .errors import CheckpointError, ConfigError, MoekitError
-from .model import MLP, Attention, DecoderLayer, KVCache, Llama, LlamaModel, RMSNorm
+from ._lazy import lazy_exports
 
-__all__ = ["LLAMA_PRESETS", "MLP", "AtomicDir", "Attention", "CheckpointError", "CheckpointReader", "ConfigError",
-           "DecoderLayer", "KVCache", "Llama", "LlamaConfig", "LlamaModel", "MoekitError", "RMSNorm", "ShardedWriter"]
+_EXPORTS = {
+    "LLAMA_PRESETS": "config", "LlamaConfig": "config",
+    "MLP": "model", "Attention": "model", "DecoderLayer": "model", "KVCache": "model", "Llama": "model",
+    "LlamaModel": "model", "RMSNorm": "model",
+    "CheckpointReader": "checkpoint", "ShardedWriter": "checkpoint", "AtomicDir": "io",
+    "CheckpointError": "errors", "ConfigError": "errors", "MoekitError": "errors",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,9 +1,12 @@
-"""Hugging Face checkpoint directories: lazy safetensors reading and streaming, atomic, sharded writing.
+"""Hugging Face checkpoint directories: one safetensors reader, streaming sharded writing, side files.
 
-Reading never loads a whole file: headers are parsed here, tensors come one at a time through safetensors'
-memory map. Writing streams tensors straight into shard files whose headers are laid out up front from a
-plan, so memory holds one tensor at a time, and the directory appears only when complete (built in
-``DST.tmp-PID-*``, fsynced, renamed). No pickle is ever loaded.
+Reading never maps or loads a whole file: headers are parsed (and checked) here, and each tensor's bytes come
+with one ``readinto`` into a fresh buffer, so memory holds only the tensors in use (mapped pages would count
+towards resident memory until unmapped) and nothing but the checked byte range is ever read. Weight files must
+lie inside the checkpoint directory (or, for a Hugging Face hub cache snapshot, inside that model's cache
+folder). Writing streams tensors straight into shard files whose headers are laid out up front from a plan, so
+memory holds one tensor at a time; the directory appears only when complete (``llama.io.AtomicDir``). No pickle
+is ever loaded.
 """
 
 from __future__ import annotations
@@ -11,21 +14,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import struct
-import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+from .io import read_config_json, read_json, write_json
+from .options import parse_size
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_HEADER_BYTES = 100_000_000
 
 DTYPES = {  # safetensors name <-> torch dtype
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -35,55 +38,94 @@ DTYPES = {  # safetensors name <-> torch dtype
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def parse_size(size: int | str) -> int:
-    """'5GB' / '500MiB' / 1000 -> bytes (GB = 10**9, GiB = 2**30, as transformers reads them)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?)B?\s*", str(size).upper())
-    if not m:
-        raise CheckpointError(f"cannot read size '{size}'; expected e.g. 5GB, 500MB, 2GiB or a byte count")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** "_KMGT".index(m.group(2) or "_"))
-
-
 def dtype_from_name(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
     table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp64": torch.float64, "float64": torch.float64}
     if name not in table:
-        raise CheckpointError(f"unknown dtype '{name}'; expected one of {sorted(table)}")
+        raise ConfigError(f"unknown dtype '{name}'; expected one of {sorted(table)}")
     return table[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16' (config.json's torch_dtype)."""
+    return str(dtype).removeprefix("torch.")
 
 
 # ---- reading ------------------------------------------------------------------------------------
 
-def read_header(path: str) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header without reading tensor data: ({name: info}, data start offset).
+def read_header(path: str) -> tuple[dict[str, dict], int]:
+    """Parse and check a safetensors header without reading tensor data: ({name: info}, data start offset).
 
-    Checks that the file holds every byte its header promises (a truncated download fails here)."""
+    Every entry must name a known dtype, a shape of non-negative integers and a byte range of exactly
+    shape x dtype bytes inside the file (a truncated download fails here). Errors name the file and what was
+    expected, never the bytes read."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a valid safetensors file ({what})")
+
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
             (n,) = struct.unpack("<Q", head)
-            if n > 100_000_000 or 8 + n > size:
-                raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
-                                      f"(header claims {n} bytes, file has {size})")
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise bad("its header length field exceeds the file: corrupt or truncated")
             header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise bad("the header is not JSON") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
     header.pop("__metadata__", None)
+    for name, info in header.items():
+        if not isinstance(info, dict) or info.get("dtype") not in DTYPES:
+            raise bad(f"tensor '{name}' has no known dtype; expected one of {', '.join(DTYPES)}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise bad(f"tensor '{name}' has no valid shape; expected a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+                isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"tensor '{name}' has no valid data_offsets; expected [begin, end] with 0 <= begin <= end")
+        want = math.prod(shape) * DTYPES[info["dtype"]].itemsize
+        if offsets[1] - offsets[0] != want:
+            raise bad(f"tensor '{name}' spans {offsets[1] - offsets[0]} bytes; its shape and dtype need {want}")
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated: header promises {8 + n + end} bytes, file has {size}")
+        raise CheckpointError(f"{path}: truncated: the header promises {8 + n + end} bytes, the file has {size}")
     return header, 8 + n
 
 
+def allowed_root(path: str) -> str:
+    """The folder a checkpoint directory's files may resolve into: the directory itself, or for a Hugging Face
+    hub cache snapshot (``models--ORG--NAME/snapshots/REV``, whose files link to ``../../blobs/``) that model's
+    cache folder."""
+    real = os.path.realpath(path)
+    parent, rev = os.path.split(real)
+    root, snapshots = os.path.split(parent)
+    if snapshots == "snapshots" and os.path.basename(root).startswith(("models--", "datasets--")) and rev:
+        return root
+    return real
+
+
+def resolve_inside(directory: str, name: str, what: str) -> str:
+    """The real path of `name` in `directory`; a CheckpointError if it resolves outside the checkpoint."""
+    root = allowed_root(directory)
+    real = os.path.realpath(os.path.join(directory, name))
+    if os.path.commonpath([root, real]) != root:
+        raise CheckpointError(f"{directory}: {what} '{name}' points outside the checkpoint; refusing to read it")
+    return real
+
+
 class CheckpointReader:
-    """A Hugging Face model directory: config.json plus one or many safetensors shards, read lazily."""
+    """A Hugging Face model directory: config.json plus one or many safetensors shards, read lazily.
+
+    `.config` (the config.json dict), `.names()`, `.shape(n)`, `.dtype(n)`, `.nbytes(n)`, `.get(n)`; a context
+    manager that closes its files."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = path = str(path)
@@ -92,41 +134,46 @@ class CheckpointReader:
         cfg = os.path.join(path, "config.json")
         if not os.path.isfile(cfg):
             raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
-        try:
-            with open(cfg) as f:
-                self.config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
-        self.files = self._weight_files()
+        resolve_inside(path, "config.json", "file")
+        self.config = read_config_json(cfg)
+        self.files = self._weight_files()  # {file name: real path}
         self.tensors: dict[str, tuple[str, dict]] = {}  # name -> (file, {dtype, shape, data_offsets})
-        for file in self.files:
-            header, _ = read_header(os.path.join(path, file))
+        self._data_start: dict[str, int] = {}
+        for file, real in self.files.items():
+            header, self._data_start[file] = read_header(real)
             for name, info in header.items():
-                self.tensors[name] = (file, info)
+                if name in self.tensors and self.index is None:
+                    raise CheckpointError(f"{path}: tensor '{name}' is in both {self.tensors[name][0]} and {file} "
+                                          f"(and no {INDEX_NAME} says which to use); remove the stale file")
+                if self.index is None or self.index.get(name) == file:
+                    self.tensors[name] = (file, info)
         if self.index is not None:
             missing = [n for n in self.index if n not in self.tensors]
             if missing:
                 raise CheckpointError(f"{path}: tensor '{missing[0]}' is listed in {INDEX_NAME} "
                                       f"but not found in {self.index[missing[0]]}")
-        self._handles: dict[str, Any] = {}
+        self._open: dict[str, Any] = {}
 
-    def _weight_files(self) -> list[str]:
+    def _weight_files(self) -> dict[str, str]:
         path, self.index = self.path, None
-        index = os.path.join(path, INDEX_NAME)
-        if os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    self.index = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CheckpointError(f"{index}: not a safetensors index (expected a 'weight_map')") from None
-            files = sorted(set(self.index.values()))
-            for file in files:
-                if not os.path.isfile(os.path.join(path, file)):
+        if os.path.isfile(os.path.join(path, INDEX_NAME)):
+            index = read_json(resolve_inside(path, INDEX_NAME, "file"), "safetensors index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise CheckpointError(f"{path}/{INDEX_NAME}: not a safetensors index (expected a 'weight_map' "
+                                      "object of tensor name -> file name)")
+            self.index = weight_map
+            files = {}
+            for file in sorted(set(weight_map.values())):
+                real = resolve_inside(path, file, "index entry")
+                if not os.path.isfile(real):
                     raise CheckpointError(f"{path}: shard '{file}' listed in {INDEX_NAME} is missing")
+                files[file] = real
             return files
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        if files:
-            return files
+        names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if names:
+            return {f: resolve_inside(path, f, "weight file") for f in names}
         pickles = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
         if pickles:
             raise CheckpointError(f"{path}: only pickle weights ({pickles[0]}); moekit never loads pickle: convert "
@@ -150,16 +197,24 @@ class CheckpointReader:
         return end - start
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read from its shard (memory-mapped; only its bytes are touched)."""
+        """One tensor, read from its shard into a fresh buffer (only its bytes are touched)."""
         if name not in self.tensors:
             raise CheckpointError(f"{self.path}: tensor '{name}' not found")
-        file = self.tensors[name][0]
-        if file not in self._handles:
-            self._handles[file] = safe_open(os.path.join(self.path, file), framework="pt")
-        return self._handles[file].get_tensor(name)
+        file, info = self.tensors[name]
+        start, end = info["data_offsets"]
+        if file not in self._open:
+            self._open[file] = open(self.files[file], "rb")
+        f = self._open[file]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        f.seek(self._data_start[file] + start)
+        if end > start and f.readinto(memoryview(buf.numpy())) != end - start:
+            raise CheckpointError(f"{self.path}/{file}: truncated while reading tensor '{name}'")
+        return buf.view(DTYPES[info["dtype"]]).reshape(info["shape"])
 
     def close(self) -> None:
-        self._handles.clear()
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
 
     def __enter__(self):
         return self
@@ -168,74 +223,50 @@ class CheckpointReader:
         self.close()
 
 
+class StateDictReader:
+    """In-memory tensors under their checkpoint names, with the config dict they belong to: the reader interface
+    of `CheckpointReader` over a live model (e.g. to upcycle a model without writing it first)."""
+
+    def __init__(self, config: dict, tensors: dict[str, torch.Tensor], path: str = "<state dict>"):
+        self.config, self.tensors, self.path = config, tensors, path
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name].detach()
+
+    def close(self) -> None:
+        pass
+
+
+def copy_side_files(src: str, dst: str, skip: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """Copy a checkpoint's non-weight files (tokenizer, chat template, generation config, ...) from `src` into
+    `dst`; return (copied, skipped). config.json, weights, indexes, pickles, directories and `skip` are not
+    copied; a file resolving outside the checkpoint is refused."""
+    copied, skipped = [], []
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if name == "config.json" or name in skip:
+            continue  # written anew
+        if not os.path.isfile(path) or name == INDEX_NAME or name.endswith((".safetensors", *PICKLE_SUFFIXES)):
+            skipped.append(name)  # weights, and directories (e.g. Meta's original/ with .pth weights)
+            continue
+        shutil.copyfile(resolve_inside(src, name, "file"), os.path.join(dst, name))
+        copied.append(name)
+    return copied, skipped
+
+
 # ---- writing ------------------------------------------------------------------------------------
-
-class AtomicDir:
-    """Build a directory in ``DST.tmp-PID-<random>`` and rename it to DST on success; remove it on failure.
-
-    An existing DST is refused unless ``force``; stale temporaries of dead processes are cleaned first."""
-
-    def __init__(self, dst: str | os.PathLike, force: bool = False):
-        self.dst = os.path.abspath(str(dst)).rstrip("/")
-        self.force = force
-        self.tmp = None
-
-    def __enter__(self) -> str:
-        if os.path.lexists(self.dst) and not self.force:
-            raise CheckpointError(f"{self.dst} already exists; pass --force (force=True) to overwrite it")
-        clean_stale_temporaries(self.dst)
-        os.makedirs(os.path.dirname(self.dst) or ".", exist_ok=True)
-        self.tmp = f"{self.dst}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.mkdir(self.tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        for name in os.listdir(self.tmp):
-            _fsync(os.path.join(self.tmp, name))
-        _fsync(self.tmp)
-        old = None
-        if os.path.lexists(self.dst):
-            old = f"{self.dst}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(self.dst, old)
-        os.rename(self.tmp, self.dst)
-        _fsync(os.path.dirname(self.dst))
-        if old:
-            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
-        return False
-
-
-def _fsync(path: str) -> None:
-    if os.path.isfile(path) or os.path.isdir(path):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def clean_stale_temporaries(dst: str) -> None:
-    """Remove ``DST.tmp-PID-*`` / ``DST.old-PID-*`` left by killed runs whose process is gone."""
-    parent, base = os.path.split(dst)
-    for name in os.listdir(parent or "."):
-        m = re.fullmatch(re.escape(base) + r"\.(?:tmp|old)-(\d+)-[0-9a-f]{8}", name)
-        if m and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 class ShardedWriter:
     """Writes planned tensors into safetensors shards of at most ``max_shard_size`` bytes, streaming.
@@ -303,12 +334,6 @@ class ShardedWriter:
             weight_map = {s[0]: self.files[i] for i, shard in enumerate(self.shards) for s in shard}
             write_json(os.path.join(self.dir, INDEX_NAME),
                        {"metadata": {"total_size": self.total_size}, "weight_map": weight_map})
-
-
-def write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 def save_state_dict(directory: str, tensors: dict[str, torch.Tensor], max_shard_size: int | str = "5GB") -> None:

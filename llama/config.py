@@ -1,4 +1,4 @@
-"""LlamaConfig: the Hugging Face ``config.json`` fields, under their HF names, with presets from the seed tables."""
+"""LlamaConfig: the Hugging Face ``config.json`` fields, under their HF names, with presets of the released models."""
 
 from __future__ import annotations
 
@@ -10,29 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import ConfigError
+from .io import config_path, read_config_json
 
 ROPE_TYPES = ("default", "linear", "llama3")
-
-
-def config_path(path: str | os.PathLike) -> str:
-    """A model directory's config.json, or the path itself when it names a file."""
-    path = str(path)
-    return os.path.join(path, "config.json") if os.path.isdir(path) else path
-
-
-def read_config_json(path: str | os.PathLike) -> dict:
-    """The JSON object in a config.json (or a directory's), with one-line errors for a missing or bad file."""
-    path = config_path(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: config.json not found")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return d
 
 
 @dataclass
@@ -64,6 +44,7 @@ class LlamaConfig:
     _rope_style: str = field(default="rope_scaling", repr=False, compare=False)
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("llama",)
+    PRESETS: ClassVar[dict[str, dict]] = {}  # set below the class: LLAMA_PRESETS
     REQUIRED: ClassVar[tuple[str, ...]] = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                            "num_attention_heads")
 
@@ -178,15 +159,20 @@ class LlamaConfig:
     # ---- presets -----------------------------------------------------------------------------
     @classmethod
     def from_name(cls, name: str, **overrides) -> LlamaConfig:
+        """A preset (`cls.PRESETS`) with fields overridden."""
         key = name.lower()
-        if key not in LLAMA_PRESETS:
-            raise ConfigError(f"unknown preset '{name}'; expected one of {sorted(LLAMA_PRESETS)}")
-        return LlamaConfig(**{**LLAMA_PRESETS[key], **overrides})
+        if key not in cls.PRESETS:
+            raise ConfigError(f"unknown preset '{name}'; expected one of {sorted(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[key], **overrides})
+
+    def attention_biases(self) -> tuple[bool, bool]:
+        """(q/k/v bias, o_proj bias): Hugging Face Llama's `attention_bias` sets both."""
+        return self.attention_bias, self.attention_bias
 
 
-# Sizes from Meta's released config.json files. Where the seed tables disagree, the released config wins
-# (see README, "Presets"): LLaMA-65B has 80 layers (not 64); Llama-2-70B has FFN 28672 (not 22016) and
-# 8 KV heads; the seed's "Llama 3-7B" is Llama-3-8B.
+# Sizes from Meta's released config.json files, which some published tables misstate (see README, "Presets"):
+# LLaMA-65B has 80 layers (not 64); Llama-2-70B has FFN 28672 (not 22016) and 8 KV heads; "Llama 3-7B" is
+# Llama-3-8B.
 _L1 = dict(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6)
 _L2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
 _L3 = dict(vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
@@ -224,3 +210,4 @@ PUBLISHED_SIZES_B = {
     "llama2-7b": 7.0, "llama2-13b": 13.0, "llama2-70b": 70.0,
     "llama3-8b": 8.0, "llama3-70b": 70.0, "llama3.1-405b": 405.0,
 }
+LlamaConfig.PRESETS = LLAMA_PRESETS

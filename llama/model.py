@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import AtomicDir, CheckpointReader, dtype_from_name, save_state_dict, write_json
+from .checkpoint import CheckpointReader, dtype_from_name, dtype_name, save_state_dict
 from .config import LlamaConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+from .io import AtomicDir, write_json
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -58,13 +59,12 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        bias, H, D = config.attention_bias, config.hidden_size, config.head_dim
-        qkv_bias = getattr(config, "qkv_bias", None)  # Qwen2: biases on q/k/v only (None: = attention_bias)
-        qkv_bias = bias if qkv_bias is None else qkv_bias
+        H, D = config.hidden_size, config.head_dim
+        qkv_bias, o_bias = config.attention_biases()
         self.q_proj = nn.Linear(H, self.n_heads * D, bias=qkv_bias)
         self.k_proj = nn.Linear(H, self.n_kv * D, bias=qkv_bias)
         self.v_proj = nn.Linear(H, self.n_kv * D, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * D, H, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * D, H, bias=o_bias)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, S, _ = x.shape
@@ -214,11 +214,30 @@ class Llama(nn.Module):
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
     # ---- checkpoints ------------------------------------------------------------------------------
-    def checkpoint_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    FORMATS: tuple[str, ...] = ("llama",)  # on-disk layouts this class writes
+
+    def resolve_format(self, format: str = "auto") -> str:
+        """The on-disk layout to write: `auto` picks this class's own."""
+        if format == "auto":
+            return self.FORMATS[0]
+        if format not in self.FORMATS:
+            raise ConfigError(f"{type(self).__name__} cannot be written as '{format}'; expected one of {self.FORMATS}")
+        return format
+
+    def checkpoint_tensors(self, format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) pairs as the checkpoint stores them, in order; a tied lm_head is not stored."""
+        self.resolve_format(format)
         for name, t in self.state_dict().items():
             if not (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 yield name, t
+
+    def checkpoint_config(self, dtype: torch.dtype, format: str = "auto") -> dict:
+        """The config.json of a checkpoint in `format` whose weights are stored in `dtype`."""
+        self.resolve_format(format)
+        d = self.config.to_dict()
+        d.setdefault("architectures", ["LlamaForCausalLM"])
+        d["torch_dtype"] = dtype_name(dtype)
+        return d
 
     def load_checkpoint_tensors(self, reader: CheckpointReader, dtype=None) -> dict[str, torch.Tensor]:
         """The state dict read from `reader`, tensor by tensor, checked against this model's shapes."""
@@ -240,24 +259,19 @@ class Llama(nn.Module):
         model.model.rotary_emb.reset(device)
         return model.eval()
 
-    def save_pretrained(self, path, max_shard_size: int | str = "5GB", force: bool = False,
+    def save_pretrained(self, path, format: str = "auto", max_shard_size: int | str = "5GB", force: bool = False,
                         dtype: torch.dtype | str | None = None) -> None:
-        """Write config.json and safetensors shards atomically (existing `path` needs force=True)."""
+        """Write config.json and safetensors shards in `format` (subclasses: e.g. mixtral / qwen2_moe),
+        atomically; an existing `path` needs force=True. `dtype` casts the floating-point weights."""
+        format = self.resolve_format(format)
         dtype = dtype_from_name(dtype)
-        tensors = dict(self.checkpoint_tensors())
+        tensors = dict(self.checkpoint_tensors(format))
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         stored = next(t.dtype for t in tensors.values() if t.is_floating_point())
-        config = self.checkpoint_config(stored)
         with AtomicDir(path, force) as tmp:
-            write_json(os.path.join(tmp, "config.json"), config)
+            write_json(os.path.join(tmp, "config.json"), self.checkpoint_config(stored, format))
             save_state_dict(tmp, tensors, max_shard_size)
-
-    def checkpoint_config(self, dtype: torch.dtype) -> dict:
-        d = self.config.to_dict()
-        d.setdefault("architectures", ["LlamaForCausalLM"])
-        d["torch_dtype"] = str(dtype).removeprefix("torch.")
-        return d
 
 
 def load_matching(model: nn.Module, reader: CheckpointReader, dtype=None,

@@ -1,12 +1,21 @@
-"""Mixture-of-Experts on the llama core: config, router, experts, MoE layer, losses, causal LM, HF formats."""
+"""The Mixture-of-Experts model on the llama core, and nothing else: config (`config`), router, stacked SwiGLU
+experts (computed through `kernels`), the MoE feed-forward layer, the router losses, the causal LM, and the
+Hugging Face MoE checkpoint formats (`formats`). It imports only `llama` and `kernels`.
 
-from .config import MOE_PRESETS, MoEConfig
-from .experts import SwiGLUExperts, swiglu_experts_loop
-from .layer import MoEAux, MoEFeedForward, capacity_keep
-from .losses import RouterStats, load_balancing_loss, router_z_loss, routing_stats, update_router_bias
-from .model import MoECausalLMOutput, MoEForCausalLM
-from .router import Router, Routing
+Beside the model, rooms for the jobs built on it: `moe.accounting` (total vs active parameters, FLOPs, memory,
+cost), `moe.train` (the accelerate trainer and its data) and `moe.bench` (benchmarks). Exports load on first use.
+"""
 
-__all__ = ["MOE_PRESETS", "MoEAux", "MoECausalLMOutput", "MoEConfig", "MoEFeedForward", "MoEForCausalLM", "Router",
-           "RouterStats", "Routing", "SwiGLUExperts", "capacity_keep", "load_balancing_loss", "router_z_loss",
-           "routing_stats", "swiglu_experts_loop", "update_router_bias"]
+from llama._lazy import lazy_exports
+
+_EXPORTS = {
+    "MOE_PRESETS": "config", "MoEConfig": "config",
+    "SwiGLUExperts": "experts", "swiglu_experts_loop": "experts",
+    "MoEAux": "layer", "MoEFeedForward": "layer", "capacity_keep": "layer",
+    "RouterStats": "losses", "load_balancing_loss": "losses", "router_z_loss": "losses", "routing_stats": "losses",
+    "update_router_bias": "losses",
+    "MoECausalLMOutput": "model", "MoEForCausalLM": "model",
+    "Router": "router", "Routing": "router",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -155,12 +155,9 @@ class MoEConfig(LlamaConfig):
         core = {k: getattr(dense, k) for k in LlamaConfig.field_names() if k != "model_type"}
         return cls(**core, **moe_fields)
 
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> MoEConfig:
-        key = name.lower()
-        if key not in MOE_PRESETS:
-            raise ConfigError(f"unknown MoE preset '{name}'; expected one of {sorted(MOE_PRESETS)}")
-        return cls(**{**MOE_PRESETS[key], **overrides})
+    def attention_biases(self) -> tuple[bool, bool]:
+        """(q/k/v bias, o_proj bias): Qwen2-MoE's `qkv_bias` sets q/k/v only."""
+        return self.attention_qkv_bias, self.attention_bias
 
 
 _TINY = {k: v for k, v in LLAMA_PRESETS["tiny"].items()}
@@ -184,3 +181,4 @@ MOE_PRESETS: dict[str, dict] = {
                             mlp_only_layers=[0]),
     "tiny-moe-8x2": dict(_TINY, num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=88),
 }
+MoEConfig.PRESETS = MOE_PRESETS

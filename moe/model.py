@@ -5,14 +5,13 @@ B batch, S sequence, V vocabulary, E experts.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from llama.checkpoint import AtomicDir, CheckpointReader, dtype_from_name, save_state_dict, write_json
+from llama.checkpoint import CheckpointReader, dtype_name
 from llama.model import MLP, KVCache, Llama, causal_lm_loss
 
 from . import formats
@@ -87,6 +86,12 @@ class MoEForCausalLM(Llama):
         update_router_bias(self, counts_per_layer, rate)
 
     # ---- checkpoints ------------------------------------------------------------------------------
+    FORMATS = formats.FORMATS
+
+    def resolve_format(self, format: str = "auto") -> str:
+        """mixtral or qwen2_moe; `auto`: mixtral when it can express the config (see `moe.formats`)."""
+        return formats.choose_format(self.config, format)
+
     def checkpoint_tensors(self, format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) pairs as a `format` checkpoint stores them (experts one by one)."""
         return formats.to_disk(self.config, format, dict(super().checkpoint_tensors()))
@@ -96,21 +101,7 @@ class MoEForCausalLM(Llama):
         expected = {k: tuple(v.shape) for k, v in self.state_dict().items() if not (tied and k == "lm_head.weight")}
         return formats.from_disk(reader, self.config, expected, dtype)
 
-    def save_pretrained(self, path, format: str = "auto", max_shard_size: int | str = "5GB", force: bool = False,
-                        dtype: torch.dtype | str | None = None) -> None:
-        """Write config.json and safetensors shards in HF's `mixtral` or `qwen2_moe` layout (auto: mixtral when
-        it can express the config), atomically; an existing `path` needs force=True."""
-        format = formats.choose_format(self.config, format)
-        dtype = dtype_from_name(dtype)
-        tensors = dict(self.checkpoint_tensors(format))
-        if dtype is not None:
-            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-        stored = next(t.dtype for t in tensors.values() if t.is_floating_point())
-        with AtomicDir(path, force) as tmp:
-            write_json(os.path.join(tmp, "config.json"), self.checkpoint_config(stored, format))
-            save_state_dict(tmp, tensors, max_shard_size)
-
     def checkpoint_config(self, dtype: torch.dtype, format: str = "auto") -> dict:
-        d = formats.hf_config_dict(self.config, formats.choose_format(self.config, format))
-        d["torch_dtype"] = str(dtype).removeprefix("torch.")
+        d = formats.hf_config_dict(self.config, self.resolve_format(format))
+        d["torch_dtype"] = dtype_name(dtype)
         return d

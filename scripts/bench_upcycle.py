@@ -6,7 +6,7 @@ tensor by tensor, so generation is bounded too), upcycle it to 8 experts with `m
     .venv/bin/python scripts/bench_upcycle.py                      # ~2.3 GB source, ~12 GB output, deleted after
     .venv/bin/python scripts/bench_upcycle.py --layers 1 --hidden 1024 --intermediate 4096   # a quick look
 
-Targets (issue 4): peak RSS < 2 x largest output tensor + 1 GiB; upcycle time within 2x of cp (+ sync, since
+Targets: peak RSS < 2 x largest output tensor + 1 GiB; upcycle time within 2x of cp (+ sync, since
 the upcycler fsyncs its output). Writes a JSON record (--json) and prints a table.
 """
 
@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from llama.checkpoint import AtomicDir, ShardedWriter, write_json  # noqa: E402
+from llama.checkpoint import ShardedWriter  # noqa: E402
 from llama.config import LlamaConfig  # noqa: E402
+from llama.io import AtomicDir, write_json  # noqa: E402
 from llama.model import Llama  # noqa: E402
 
 GiB = 1 << 30
@@ -123,7 +124,7 @@ def main() -> int:
         generate_dense(src, config, torch.bfloat16)  # none kept by an earlier --keep run, or another shape
     print(f"generated the dense checkpoint in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    py = [sys.executable, "-m", "moe"]
+    py = [sys.executable, "-m", "moekit"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     upcycle_cmd = [*py, "upcycle", str(src), str(dst), "--num-experts", str(E), "--recipe", args.recipe,
                    "--no-verify", "--no-progress"]

@@ -26,7 +26,7 @@ from moe import MoEForCausalLM
 def moekit(*args: str, head: int | None = None) -> str:
     """Run the moekit CLI as a user would; echo its output (the first `head` lines)."""
     print("  $ moekit " + " ".join(args))
-    p = subprocess.run([sys.executable, "-m", "moe", *args], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "moekit", *args], capture_output=True, text=True)
     out = (p.stdout + p.stderr).rstrip()
     print("\n".join("    " + line for line in out.splitlines()[:head]))
     if p.returncode:
@@ -35,7 +35,7 @@ def moekit(*args: str, head: int | None = None) -> str:
 
 
 def params(path: str) -> dict:
-    return json.loads(subprocess.run([sys.executable, "-m", "moe", "params", path, "--json"], capture_output=True,
+    return json.loads(subprocess.run([sys.executable, "-m", "moekit", "params", path, "--json"], capture_output=True,
                                      text=True, check=True).stdout)
 
 

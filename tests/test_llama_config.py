@@ -1,3 +1,5 @@
+"""llama.config: config.json round trips (both rope styles), presets and their published sizes, bad fields."""
+
 import json
 
 import pytest

@@ -1,3 +1,5 @@
+"""moe.config: MoEConfig fields, presets, Hugging Face Mixtral / Qwen2-MoE config.json names, bad configs."""
+
 import pytest
 import torch
 
@@ -105,5 +107,5 @@ def test_own_config_round_trip_and_from_dense():
 def test_presets():
     for name in ("tiny-moe", "tiny-moe-shared", "tiny-moe-8x2", "qwen1.5-moe-a2.7b"):
         MoEConfig.from_name(name)
-    with pytest.raises(ConfigError, match="unknown MoE preset"):
+    with pytest.raises(ConfigError, match="unknown preset"):
         MoEConfig.from_name("mixtral-9x9b")

@@ -1,3 +1,5 @@
+"""moe.formats: the Mixtral and Qwen2-MoE checkpoint layouts, their names and configs, bad checkpoints."""
+
 import json
 import warnings
 
@@ -5,8 +7,9 @@ import pytest
 import torch
 import transformers
 
-from llama.checkpoint import AtomicDir, CheckpointReader, save_state_dict, write_json
+from llama.checkpoint import CheckpointReader, save_state_dict
 from llama.errors import CheckpointError, ConfigError
+from llama.io import AtomicDir, write_json
 from moe import MoEConfig, MoEForCausalLM
 from moe import formats as fm
 

@@ -1,3 +1,6 @@
+"""moe.model: MoEForCausalLM against transformers' Mixtral and Qwen2-MoE (logits, losses, gradients), checkpoints both
+ways, cached generation, router statistics."""
+
 import json
 import os
 

@@ -5,41 +5,37 @@ from the plan, then each tensor is made and written the moment it is needed, one
 up and down as separate [F, H] / [H, F] tensors, never a stacked [E, ...] tensor. Experts are written role-major
 (every expert's gate, then every up, then every down) so only one dense FFN matrix is held at a time. Peak memory
 is about one dense tensor plus one output tensor, whatever the model size. The directory is built in
-`DST.tmp-PID-*` and renamed when complete (`llama.checkpoint.AtomicDir`).
+`DST.tmp-PID-*` and renamed when complete (`llama.io.AtomicDir`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 
 import torch
 from tqdm.auto import tqdm
 
 from llama.checkpoint import (
-    INDEX_NAME,
-    PICKLE_SUFFIXES,
-    AtomicDir,
+    CheckpointReader,
     ShardedWriter,
+    StateDictReader,
+    copy_side_files,
     dtype_from_name,
-    write_json,
 )
 from llama.config import LlamaConfig
 from llama.errors import CheckpointError, ConfigError
+from llama.io import AtomicDir, package_version, read_json, write_json
 from llama.model import Llama
 from moe import formats
 from moe.config import MoEConfig
 
 from . import recipes
 from .options import UpcycleOptions
-from .source import DirSource, StateDictSource
 
 _TAG = {"router": 1, "drop": 2, "gate": 3, "up": 4, "down": 5}  # generator stream ids
 _DENSE_MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight")
@@ -204,28 +200,6 @@ def _expert_maker(o: UpcycleOptions, i: int, j: int, role: str, dense_name: str,
 
 # ---- running a plan ---------------------------------------------------------------------------------
 
-def _moekit_version() -> str:
-    try:
-        return version("moekit")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def _copy_side_files(src: str, dst: str) -> tuple[list[str], list[str]]:
-    """Copy tokenizer files, generation_config.json and other non-weight files; return (copied, skipped)."""
-    copied, skipped = [], []
-    for name in sorted(os.listdir(src)):
-        path = os.path.join(src, name)
-        if name in ("config.json", RECORD_NAME):
-            continue  # written anew
-        if not os.path.isfile(path) or name == INDEX_NAME or name.endswith((".safetensors", *PICKLE_SUFFIXES)):
-            skipped.append(name)  # dense weights, and directories (e.g. Meta's original/ with .pth weights)
-            continue
-        shutil.copy2(path, os.path.join(dst, name))
-        copied.append(name)
-    return copied, skipped
-
-
 def upcycle(src: str | os.PathLike, dst: str | os.PathLike, options: UpcycleOptions | None = None,
             progress: bool = True, log: Callable[[str], None] | None = print) -> dict:
     """Upcycle the dense checkpoint directory `src` into the MoE checkpoint directory `dst`; return the record
@@ -238,10 +212,9 @@ def upcycle(src: str | os.PathLike, dst: str | os.PathLike, options: UpcycleOpti
     src, dst = os.path.abspath(str(src)), os.path.abspath(str(dst)).rstrip("/")
     if dst == src or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
         raise ConfigError(f"DST {dst} must be a directory outside SRC {src}")
-    with DirSource(src) as source:
+    with CheckpointReader(src) as source:
         plan = plan_upcycle(source, options)
         exact = plan.function_preserving(options)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)  # AtomicDir lists the parent before creating it
         with AtomicDir(dst, options.force) as tmp:
             write_json(os.path.join(tmp, "config.json"), plan.config_json())
             writer = ShardedWriter(tmp, [(it.name, it.dtype, it.shape) for it in plan.items], options.max_shard_size)
@@ -251,11 +224,11 @@ def upcycle(src: str | os.PathLike, dst: str | os.PathLike, options: UpcycleOpti
                 writer.write(item.name, item.make(ctx))
             ctx.tensor = None
             writer.close()
-            copied, skipped = _copy_side_files(src, tmp)
+            copied, skipped = copy_side_files(src, tmp, skip=(RECORD_NAME,))
             with open(os.path.join(src, "config.json"), "rb") as f:
                 config_sha = hashlib.sha256(f.read()).hexdigest()
             record = {
-                "moekit_version": _moekit_version(), "source": src, "source_config_sha256": config_sha,
+                "moekit_version": package_version("moekit"), "source": src, "source_config_sha256": config_sha,
                 "recipe": options.recipe, "seed": options.seed, "options": options.to_dict(), "format": plan.format,
                 "moe_layers": plan.moe_layers, "num_local_experts": plan.config.num_local_experts,
                 "num_experts_per_tok": plan.config.num_experts_per_tok,
@@ -303,10 +276,10 @@ def upcycle_model(dense_model: Llama, options: UpcycleOptions | None = None):
     options = options or UpcycleOptions()
     device = next(dense_model.parameters()).device
     tensors = {n: t.detach().cpu() for n, t in dense_model.checkpoint_tensors()}
-    source = StateDictSource(dense_model.config.to_dict(), tensors)
+    source = StateDictReader(dense_model.config.to_dict(), tensors)
     plan = plan_upcycle(source, options)
     ctx = _Context(source)
-    out = StateDictSource(plan.config_json(), {it.name: it.make(ctx) for it in plan.items}, "<upcycled>")
+    out = StateDictReader(plan.config_json(), {it.name: it.make(ctx) for it in plan.items}, "<upcycled>")
     with torch.device("meta"):
         model = MoEForCausalLM(plan.config)
     state = model.load_checkpoint_tensors(out)
@@ -319,8 +292,7 @@ def upcycle_model(dense_model: Llama, options: UpcycleOptions | None = None):
 
 def read_record(path: str | os.PathLike) -> dict:
     """The `upcycling.json` of an upcycled directory."""
-    try:
-        with open(os.path.join(str(path), RECORD_NAME)) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read {RECORD_NAME} ({e})") from None
+    record = read_json(os.path.join(str(path), RECORD_NAME), RECORD_NAME)
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}/{RECORD_NAME}: expected a JSON object")
+    return record

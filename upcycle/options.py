@@ -13,74 +13,70 @@ import dataclasses
 from dataclasses import dataclass
 
 from llama.errors import ConfigError
+from llama.options import MAX_SEED, check_options, option, parse_size
 
 RECIPES = ("copy", "noise", "drop", "granular")
 ROUTER_INITS = ("normal", "zeros")
 WEIGHT_SCALINGS = ("down", "cube-root", "none")
 FORMAT_CHOICES = ("auto", "mixtral", "qwen2_moe")
+DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
 
 @dataclass
 class UpcycleOptions:
-    num_experts: int = 8  # E: copies of each routed shard (the coarse expert count)
-    top_k: int = 2  # k: coarse experts per token; the written top-k is k * R
-    recipe: str = "copy"  # copy | noise | drop | granular
-    moe_layers: str | list[int] = "all"  # all | every-other | [0, 2, 5]
-    shared_experts: int = 0  # s: dense shards fused into one shared expert (qwen2_moe format)
-    granularity: int | None = None  # G (granular only; default 2)
-    weight_scaling: str = "down"  # granular: down (x R on down_proj, exact) | cube-root (He et al.) | none
-    router_init: str = "normal"  # normal: N(0, router_std^2), one row per virtual group | zeros
-    router_std: float = 0.02
-    noise_scale: float = 0.01  # noise: std of the added noise, relative to std of the weight
-    drop_ratio: float = 0.5  # drop: fraction r of each expert's neurons re-initialised
-    seed: int = 0
-    dtype: str | None = None  # output dtype (fp32 | bf16 | fp16); None: the source's
-    max_shard_size: int | str = "5GB"
-    format: str = "auto"  # auto | mixtral | qwen2_moe
-    force: bool = False
-    verify: bool = True
-    verify_tokens: int = 32
-    verify_atol: float = 1e-4
+    """upcycle a dense Llama checkpoint into an MoE checkpoint
+
+    Upcycle a dense Hugging Face Llama checkpoint directory into a Mixtral or Qwen2-MoE checkpoint directory,
+    streaming tensor by tensor (memory stays near one tensor), then check the MoE computes the dense function (copy,
+    granular, shared experts)."""
+
+    num_experts: int = option(8, "experts E per MoE layer (copies of each routed shard)", metavar="E", min=1)
+    top_k: int = option(2, "experts per token k", metavar="K", min=1)
+    recipe: str = option("copy", "copy (Komatsuzaki et al. 2022) | noise | drop (Nakamura et al. 2025) | granular "
+                         "(He et al. 2024)", choices=RECIPES)
+    moe_layers: str | list[int] = option("all", "all | every-other | a list like 0,2,5", metavar="LAYERS", parse=str)
+    shared_experts: int = option(0, "dense shards s fused into a shared expert (qwen2_moe format)", metavar="S",
+                                 min=0)
+    granularity: int | None = option(None, "granular: shards G of the dense FFN; E*G experts, top-k*G",
+                                     metavar="G", default_text="2")
+    weight_scaling: str = option("down", "granular: down (down_proj x R, exact) | cube-root (He et al.) | none",
+                                 choices=WEIGHT_SCALINGS)
+    router_init: str = option("normal", "router init: normal N(0, std^2), one row per virtual group | zeros",
+                              choices=ROUTER_INITS)
+    router_std: float = option(0.02, "router init std", metavar="STD", gt=0)
+    noise_scale: float = option(0.01, "noise: noise std relative to each weight's std", metavar="ALPHA", min=0)
+    drop_ratio: float = option(0.5, "drop: fraction of neurons re-initialised per expert", metavar="R", min=0, max=1)
+    seed: int = option(0, "random seed for router, noise, drop and verify tokens", metavar="N", min=0, max=MAX_SEED)
+    dtype: str | None = option(None, "output dtype", choices=DTYPE_CHOICES, default_text="the source's")
+    max_shard_size: int | str = option("5GB", "largest safetensors shard", metavar="SIZE", parse=str)
+    format: str = option("auto", "auto: mixtral when it can express the layout, else qwen2_moe",
+                         choices=FORMAT_CHOICES)
+    force: bool = option(False, "replace DST if it exists")
+    verify: bool = option(True, "skip the logit check against SRC at the end")
+    verify_tokens: int = option(32, "tokens for the final check", metavar="N", min=1, max=65536)
+    verify_atol: float = option(1e-4, "max |logit difference| a function-preserving recipe may show",
+                                metavar="ATOL", flag="--atol", min=0)
 
     def __post_init__(self):
         self.moe_layers = parse_moe_layers(self.moe_layers)
         self.validate()
 
     def validate(self) -> None:
-        def positive(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-
-        for name in ("num_experts", "top_k", "verify_tokens"):
-            positive(name)
+        check_options(self)
+        parse_size(self.max_shard_size)
         if self.top_k > self.num_experts:
             raise ConfigError(f"--top-k {self.top_k} is greater than --num-experts {self.num_experts}")
-        for name, allowed in (("recipe", RECIPES), ("router_init", ROUTER_INITS),
-                              ("weight_scaling", WEIGHT_SCALINGS), ("format", FORMAT_CHOICES)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{name.replace('_', '-')} '{getattr(self, name)}' is not one of {allowed}")
         s = self.shared_experts
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise ConfigError(f"--shared-experts must be an integer >= 0, got {s!r}")
         if self.granularity is not None and self.recipe != "granular":
             raise ConfigError(f"--granularity is an option of --recipe granular, not '{self.recipe}'")
         if self.weight_scaling != "down" and self.recipe != "granular":
             raise ConfigError(f"--weight-scaling is an option of --recipe granular, not '{self.recipe}'")
         if self.recipe == "granular":
             G = self.num_shards
-            if isinstance(G, bool) or not isinstance(G, int) or G < 2:
+            if G < 2:
                 raise ConfigError(f"--granularity must be an integer >= 2 for --recipe granular, got {G!r}")
             if s >= G:
                 raise ConfigError(f"--shared-experts {s} leaves no routed shard: --granularity ({G}) must exceed it")
-        if not self.router_std > 0:
-            raise ConfigError(f"--router-std must be > 0, got {self.router_std}")
-        if not self.noise_scale >= 0:
-            raise ConfigError(f"--noise-scale must be >= 0, got {self.noise_scale}")
-        if not 0 <= self.drop_ratio <= 1:
-            raise ConfigError(f"--drop-ratio must be in [0, 1], got {self.drop_ratio}")
-        if not self.verify_atol >= 0:
-            raise ConfigError(f"--atol must be >= 0, got {self.verify_atol}")
 
     # ---- the layout these options imply ----------------------------------------------------------
     @property
@@ -143,3 +139,20 @@ def parse_moe_layers(value: str | list[int]) -> str | list[int]:
     if len(set(value)) != len(value):
         raise ConfigError(f"--moe-layers {list(value)}: a layer is listed twice")
     return sorted(value)
+
+
+@dataclass
+class VerifyOptions:
+    """check an upcycled checkpoint computes its dense source's function
+
+    Run two checkpoint directories (dense Llama, Mixtral or Qwen2-MoE) layer by layer from disk in fp32 on the same
+    random tokens and print the max absolute and relative logit difference. Exit code 1 when it is above --atol."""
+
+    tokens: int = option(32, "number of random tokens", metavar="N", min=1, max=65536)
+    atol: float = option(1e-4, "largest accepted max |logit difference|", metavar="ATOL", min=0)
+    seed: int = option(0, "seed of the random tokens", metavar="N", min=0, max=MAX_SEED)
+    dense_dtype: str | None = option(None, "round DENSE's weights to this dtype first (for an MoE written with "
+                                     "upcycle --dtype)", choices=("bf16", "fp16"))
+
+    def __post_init__(self):
+        check_options(self)

@@ -17,14 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from llama.checkpoint import CheckpointReader
 from llama.config import LlamaConfig
 from llama.errors import ConfigError, MoekitError
 from llama.model import DecoderLayer
 from llama.rope import RotaryEmbedding
 from moe import formats
 from moe.config import MoEConfig
-
-from .source import DirSource
 
 ROWS = 1 << 22  # elements of a weight converted to fp32 at a time
 
@@ -61,7 +60,7 @@ class StreamedCheckpoint:
     rounded to `round_to` if given: the dense model as it would be stored in an upcycled model's dtype)."""
 
     def __init__(self, path: str | os.PathLike, round_to: torch.dtype | None = None):
-        self.source, self.round_to = DirSource(path), round_to
+        self.source, self.round_to = CheckpointReader(path), round_to
         d, name = self.source.config, os.path.join(self.source.path, "config.json")
         self.format = d.get("model_type")
         if self.format == "llama":

@@ -1,5 +1,0 @@
-import sys
-
-from moe.cli import main
-
-sys.exit(main())

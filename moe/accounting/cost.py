@@ -1,0 +1,161 @@
+"""What a parameter count costs: forward and training FLOPs, weight, KV-cache and training memory, training
+time and price, each with its formula (``--explain``). The table and JSON of ``moekit params`` are in `report`.
+
+Conventions: a multiply-add is 2 FLOPs; the forward pass costs 2 FLOPs per active matmul weight per token plus
+attention's QK^T and AV products over the full context (non-causal, as in PaLM's MFU formula); training is
+3 x forward (backward = 2 x forward). GB = 10^9 bytes. Activations are not in the training memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llama.errors import ConfigError
+from llama.options import check_options, option, parse_number
+
+from .formulas import ParamCount
+
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1,
+               "int4": 0.5}
+SECONDS_PER_DAY = 86400
+
+
+@dataclass
+class Plan:
+    """count total vs active parameters; FLOPs, memory, time and cost
+
+    The question asked of a count: precision, shapes, training run and hardware. Exact parameter counts (total vs
+    active per token, by component) come from a preset, a config.json, a checkpoint directory (safetensors headers
+    only) or a bare count such as 7B; the FLOPs, memory, training time and cost they imply follow from this plan."""
+
+    dtype: str = option("bf16", "weight / KV / gradient precision", choices=tuple(DTYPE_BYTES))
+    seq_len: int = option(2048, "context for attention FLOPs and the KV cache", metavar="S", min=1)
+    batch: int = option(1, "sequences in the KV cache", metavar="B", min=1)
+    tokens: float | None = option(None, "training tokens (e.g. 300B): training FLOPs = 3 x forward x tokens",
+                                  metavar="N", parse=parse_number, gt=0)
+    train_flops: float | None = option(None, "training FLOPs, given (e.g. 3.14e23)", metavar="FLOPS",
+                                       parse=parse_number, gt=0)
+    gpus: int = option(1, "GPUs, for memory per GPU and training time", metavar="N", min=1)
+    zero: int = option(0, "ZeRO stage: 1 shards optimizer states, 2 + gradients, 3 (FSDP) + weights",
+                       choices=(0, 1, 2, 3))
+    shard_degree: int | None = option(None, "GPUs the states are sharded over", metavar="N", min=1,
+                                      default_text="--gpus")
+    peak_flops: float | None = option(None, "peak FLOP/s per GPU (e.g. 989e12)", metavar="FLOPS",
+                                      parse=parse_number, gt=0)
+    peak_flops_per_day: float | None = option(None, "peak FLOPs per GPU-day (e.g. 5.2e18)", metavar="FLOPS",
+                                              parse=parse_number, gt=0)
+    mfu: float = option(1.0, "model FLOPs utilisation, in (0, 1]", gt=0, max=1)
+    price_per_gpu_hour: float | None = option(None, "USD per GPU-hour, for the cost", metavar="USD", gt=0)
+    round_days: bool = option(False, "round the time at peak to whole days before dividing by MFU")
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        check_options(self)
+        if self.peak_flops is not None and self.peak_flops_per_day is not None:
+            raise ConfigError("give the peak as --peak-flops (per second) or --peak-flops-per-day, not both")
+        if self.tokens is not None and self.train_flops is not None:
+            raise ConfigError("give the training work as --tokens or --train-flops, not both")
+
+
+@dataclass
+class Figure:
+    key: str  # JSON key
+    label: str
+    value: float
+    unit: str  # flops | bytes | days | usd
+    formula: str = ""
+    detail: str = ""  # the formula with this model's numbers
+
+
+@dataclass
+class Report:
+    count: ParamCount
+    plan: Plan
+    figures: list[Figure] = field(default_factory=list)
+
+    def figure(self, key: str) -> Figure | None:
+        return next((f for f in self.figures if f.key == key), None)
+
+
+def _n(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() and abs(x) < 1e7 else f"{x:.4g}"
+
+
+def derive(count: ParamCount, plan: Plan) -> Report:
+    """Every figure the plan allows: FLOPs and memory always; training FLOPs with tokens (or given); time
+    with a peak; cost with a price."""
+    plan.check()
+    r, b, a = Report(count, plan), DTYPE_BYTES[plan.dtype], count.arch
+    P, Nmm = count.total_params, count.matmul_active_params
+    ctx = min(plan.seq_len, a.sliding_window) if a and a.sliding_window else plan.seq_len
+    attn = 2 * a.num_hidden_layers * ctx * a.num_attention_heads * (a.qk_head_dim + a.v_head_dim) if a else 0
+    fwd = 2 * Nmm + attn
+    if a:
+        r.figures.append(Figure("forward_flops_per_token", "forward FLOPs per token", fwd, "flops",
+                                "2 × N_matmul + 2 × layers × context × heads × (d_qk + d_v)",
+                                f"2 × {Nmm:,} + 2 × {a.num_hidden_layers} × {ctx} × {a.num_attention_heads} × "
+                                f"({a.qk_head_dim} + {a.v_head_dim})"))
+    else:
+        r.figures.append(Figure("forward_flops_per_token", "forward FLOPs per token", fwd, "flops",
+                                "2 × N_matmul (no attention term: the architecture is unknown)", f"2 × {Nmm:,}"))
+    if plan.train_flops is not None:
+        r.figures.append(Figure("train_flops", "training FLOPs", plan.train_flops, "flops", "given (--train-flops)",
+                                f"{plan.train_flops:.4g}"))
+    elif plan.tokens is not None:
+        T = plan.tokens
+        r.figures.append(Figure("train_flops", f"training FLOPs ({T:.3g} tokens)", 3 * fwd * T, "flops",
+                                "3 × forward × tokens = 6 × N_matmul × tokens + 3 × attention × tokens",
+                                f"6 × {Nmm:,} × {_n(T)} + 3 × {attn:,} × {_n(T)}"))
+    r.figures.append(Figure("weight_memory_bytes", f"weight memory ({plan.dtype})", P * b, "bytes",
+                            "total_params × bytes_per_param", f"{P:,} × {b}"))
+    if a:
+        kv = plan.batch * ctx * a.num_hidden_layers * a.kv_cache_dim * b
+        r.figures.append(Figure("kv_cache_bytes", f"KV cache (batch {plan.batch} × {ctx} tokens)", kv, "bytes",
+                                "batch × context × layers × cached_per_token_per_layer × bytes",
+                                f"{plan.batch} × {ctx} × {a.num_hidden_layers} × {a.kv_cache_dim} × {b}"))
+    r.figures.append(_train_memory(P, b, plan))
+    _time_and_cost(r)
+    return r
+
+
+def _train_memory(P: int, b: float, plan: Plan) -> Figure:
+    """Weights + gradients (at dtype) + AdamW m and v (fp32) + fp32 master copy (when dtype is not fp32),
+    each divided by the shard degree where the ZeRO stage shards it."""
+    d = (plan.shard_degree or plan.gpus) if plan.zero else 1
+    master = 4 if b < 4 else 0
+    parts = [("weights", b, plan.zero >= 3), ("gradients", b, plan.zero >= 2), ("AdamW m+v", 8, plan.zero >= 1),
+             ("fp32 master", master, plan.zero >= 1)]
+    total = sum(P * per / (d if sharded else 1) for _, per, sharded in parts)
+    terms = " + ".join(f"{per}{f'/{d}' if sharded and d > 1 else ''}" for _, per, sharded in parts if per)
+    names = " + ".join(f"{name}{' (sharded)' if sharded and d > 1 else ''}" for name, per, sharded in parts if per)
+    where = f"ZeRO-{plan.zero} over {d} GPUs" if plan.zero else "no sharding"
+    return Figure("train_memory_bytes_per_gpu", f"training memory per GPU ({where})", total,
+                  "bytes", f"total_params × ({names})", f"{P:,} × ({terms})")
+
+
+def _time_and_cost(r: Report) -> None:
+    plan, F = r.plan, r.figure("train_flops")
+    if F is None or (plan.peak_flops is None and plan.peak_flops_per_day is None):
+        return
+    per_day = plan.peak_flops_per_day or plan.peak_flops * SECONDS_PER_DAY
+    per_day_src = (f"{plan.peak_flops_per_day:.4g}" if plan.peak_flops_per_day
+                   else f"{plan.peak_flops:.4g} × {SECONDS_PER_DAY}")
+    peak_days = F.value / (plan.gpus * per_day)
+    detail = f"{F.value:.4g} / ({plan.gpus} × {per_day_src})"
+    if plan.round_days:
+        detail += f" = {peak_days:.2f}, rounded"
+        peak_days = float(round(peak_days))
+    r.figures.append(Figure("train_days_at_peak", f"training time at peak on {plan.gpus} GPUs", peak_days, "days",
+                            "train_flops / (gpus × peak FLOPs per GPU-day)" + (", whole days" if plan.round_days
+                                                                               else ""), detail))
+    days = peak_days / plan.mfu
+    if plan.mfu != 1:
+        r.figures.append(Figure("train_days", f"training time at {plan.mfu:.0%} MFU", days, "days",
+                                "days_at_peak / mfu", f"{_n(peak_days)} / {plan.mfu}"))
+    if plan.price_per_gpu_hour is not None:
+        cost = plan.price_per_gpu_hour * plan.gpus * 24 * days
+        r.figures.append(Figure("cost_usd", f"cost at ${plan.price_per_gpu_hour:g}/GPU-hour", round(cost, 2), "usd",
+                                "price_per_gpu_hour × gpus × 24 × days_at_peak / mfu",
+                                f"{plan.price_per_gpu_hour:g} × {plan.gpus} × 24 × {_n(peak_days)} / {plan.mfu}"))

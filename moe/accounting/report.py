@@ -1,0 +1,78 @@
+"""The report of `moekit params`: the component table with its conventions and the derived figures, as text
+(with each figure's formula under `--explain`) or JSON."""
+
+from __future__ import annotations
+
+from .cost import DTYPE_BYTES, Figure, Report
+from .formulas import COMPONENTS, ParamCount
+
+
+def fmt_value(f: Figure) -> str:
+    if f.unit == "flops":
+        return f"{f.value:.3e} FLOPs"
+    if f.unit == "bytes":
+        return f"{f.value / 1e9:,.2f} GB"
+    if f.unit == "days":
+        return f"{f.value:,.1f} days" if not float(f.value).is_integer() else f"{int(f.value):,} days"
+    return f"${f.value:,.2f}"
+
+
+def _b(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e8 else f"{n / 1e6:.2f}M" if n >= 1e4 else str(n)
+
+
+def conventions(count: ParamCount) -> list[str]:
+    a = count.arch
+    if a and a.num_experts:
+        routed = f"routed experts count k/E = {a.num_experts_per_tok}/{a.num_experts}; everything else in full"
+    else:
+        routed = ("routed experts count k/E, everything else in full" if count.total.get("routed_experts")
+                  else "every parameter (no routed experts)")
+    return ["embeddings and the LM head are counted, and shown separately (some publishers exclude them)",
+            "tied weights are counted once (under embedding)",
+            f"active = used per token: {routed}",
+            "FLOPs: multiply-add = 2; attention over the full context; training = 3 × forward",
+            "training memory: weights + gradients + AdamW m, v + fp32 master copy; no activations; GB = 10^9 bytes"]
+
+
+def render_table(report: Report, explain: bool = False) -> str:
+    c = report.count
+    T, A = c.total_params, c.active_params
+    source = "bare count" if c.source == "number" else c.source
+    head = f"{c.target} ({source}{', model_type ' + c.model_type if c.model_type else ''})"
+    lines = [f"{head}: {T:,} parameters ({_b(T)}), {A:,} active per token ({_b(A)})", ""]
+    if c.source != "number":
+        lines.append(f"{'component':<16}{'total':>18}{'share':>8}{'active':>18}{'share':>8}")
+        for comp in COMPONENTS:
+            t, a = c.total.get(comp, 0), c.active.get(comp, 0)
+            if t:
+                lines.append(f"{comp:<16}{t:>18,}{t / T:>8.1%}{a:>18,}{a / A:>8.1%}")
+        lines.append(f"{'total':<16}{T:>18,}{1:>8.1%}{A:>18,}{1:>8.1%}")
+        lines.append("")
+        lines += [f"  - {s}" for s in conventions(c)]
+    lines += [f"  note: {s}" for s in c.notes]
+    lines.append("")
+    p = report.plan
+    lines.append(f"derived (dtype {p.dtype} = {DTYPE_BYTES[p.dtype]:g} bytes/param, seq_len {p.seq_len}, "
+                 f"batch {p.batch}, {p.gpus} GPU{'s' if p.gpus > 1 else ''}):")
+    for f in report.figures:
+        lines.append(f"  {f.label:<58} {fmt_value(f)}")
+        if explain:
+            lines.append(f"      = {f.formula}")
+            lines.append(f"      = {f.detail}")
+    return "\n".join(lines)
+
+
+def as_json(report: Report, explain: bool = False) -> dict:
+    c = report.count
+    out = {"target": c.target, "source": c.source, "model_type": c.model_type,
+           "total_params": c.total_params, "active_params": c.active_params,
+           "components": {k: {"total": c.total.get(k, 0), "active": c.active.get(k, 0)} for k in COMPONENTS},
+           "tied_embeddings": c.tied, "conventions": conventions(c), "notes": c.notes,
+           "plan": {k: v for k, v in vars(report.plan).items()},
+           "derived": {f.key: f.value for f in report.figures}}
+    if c.arch:
+        out["arch"] = vars(c.arch)
+    if explain:
+        out["explain"] = {f.key: f"{f.formula} = {f.detail}" for f in report.figures}
+    return out

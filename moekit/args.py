@@ -1,0 +1,63 @@
+"""Command-line flags built from options dataclasses (see `llama.options`): one flag per declared field, with
+the field's type, default, choices and help, so an option is declared in exactly one place."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from llama.options import declared_fields, default_of, flag_name
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: the error and where to look, no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def help_text(f, default: Any) -> str:
+    meta = f.metadata
+    text = meta["help"]
+    shown = meta.get("default_text", default)
+    if meta.get("required") or meta.get("positional") or isinstance(default, bool) or shown is None:
+        return text.replace("%", "%%")
+    if isinstance(shown, (list, tuple)):
+        shown = " ".join(map(str, shown))
+    return f"{text} (default: {shown})".replace("%", "%%")
+
+
+def add_options(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
+    """A flag (or positional) for every field of `cls` declared with `llama.options.option`."""
+    for f, kind, _optional, many in declared_fields(cls):
+        meta, default = f.metadata, default_of(f)
+        if meta.get("cli", True) is False:
+            continue
+        kw: dict[str, Any] = {"help": help_text(f, default)}
+        if meta.get("positional"):
+            parser.add_argument(f.name, metavar=meta.get("metavar", f.name.upper()), **kw)
+            continue
+        kw.update(dest=f.name, default=default)
+        if kind is bool:
+            kw["action"] = "store_false" if default is True else "store_true"
+        else:
+            kw["type"] = meta.get("parse") or kind or str
+            for key in ("metavar", "choices"):
+                if key in meta:
+                    kw[key] = meta[key]
+            if many:
+                kw["nargs"] = "+"
+            if meta.get("required"):
+                kw["required"] = True
+        parser.add_argument(flag_name(f), **kw)
+    return parser
+
+
+def options_from(cls, args: argparse.Namespace):
+    """An instance of `cls` from the parsed flags (its own checks run on construction)."""
+    return cls(**{f.name: getattr(args, f.name) for f, *_ in declared_fields(cls) if hasattr(args, f.name)})
+
+
+def print_error(command: str, message: str) -> None:
+    print(f"moekit{' ' + command if command else ''}: error: {message}", file=sys.stderr)

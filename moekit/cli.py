@@ -1,0 +1,201 @@
+"""The `moekit` command line: one subcommand per job, each parsed into its room's options dataclass and handed to
+that room. Errors users can cause (MoekitError, file-system errors, Ctrl-C, SIGTERM) end in one line and a
+non-zero exit; `--debug` shows the traceback. Building the parser imports no torch: the rooms are imported when
+their command runs."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llama.errors import MoekitError
+from llama.io import package_version
+from llama.options import option
+from moe.accounting.cost import Plan
+from moe.bench.options import GemmBenchOptions, LayerBenchOptions
+from moe.train.options import TrainOptions
+from upcycle.options import UpcycleOptions, VerifyOptions
+
+from .args import Parser, add_options, options_from, print_error
+
+
+@dataclass
+class Progress:
+    progress: bool = option(True, "no progress bar")
+
+
+@dataclass
+class ParamsOutput:
+    json: bool = option(False, "print JSON (total_params, active_params, components, ...)")
+    explain: bool = option(False, "show each derived figure's formula and inputs")
+
+
+@dataclass
+class VerifyOutput(Progress):
+    json: bool = option(False, "print the result as JSON")
+
+
+# ---- what each command does with its options (the rooms are imported here, when a command runs) ------------
+
+def _upcycle(args, options: UpcycleOptions) -> int:
+    from upcycle.convert import upcycle
+
+    upcycle(args.src, args.dst, options, progress=args.progress)
+    return 0
+
+
+def _verify(args, options: VerifyOptions) -> int:
+    from llama.checkpoint import dtype_from_name
+    from upcycle.verify import verify_checkpoints
+
+    result = verify_checkpoints(args.dense, args.moe, tokens=options.tokens, atol=options.atol, seed=options.seed,
+                                progress=args.progress, dense_dtype=dtype_from_name(options.dense_dtype))
+    print(json.dumps(result.to_dict()) if args.json else f"{args.moe} vs {args.dense}: {result.line()}")
+    return 0 if result.ok else 1
+
+
+def _params(args, plan: Plan) -> int:
+    from moe.accounting import as_json, count_params, derive, render_table
+
+    report = derive(count_params(args.target), plan)
+    print(json.dumps(as_json(report, args.explain), indent=2) if args.json else render_table(report, args.explain))
+    return 0
+
+
+def _train(args, options: TrainOptions) -> int:
+    from moe.train.loop import train
+
+    train(options)
+    return 0
+
+
+def _bench_layer(args, options: LayerBenchOptions) -> int:
+    from moe.bench.layer import run
+
+    run(options)
+    return 0
+
+
+def _bench_gemm(args, options: GemmBenchOptions) -> int:
+    from moe.bench.gemm import run
+
+    run(options)
+    return 0
+
+
+@dataclass
+class Command:
+    """A subcommand: its options dataclass (whose docstring gives the help line, then the description) and what
+    runs it."""
+
+    name: str
+    options: type | None = None  # the room's options dataclass
+    run: Callable | None = None  # run(args, options) -> exit code
+    positionals: tuple[tuple[str, str, str], ...] = ()  # (name, metavar, help) not held by the options
+    extra: tuple[type, ...] = ()  # output flags of the command line itself
+    subcommands: tuple[Command, ...] = ()
+    help: str = ""  # for a command without options
+
+    def texts(self) -> tuple[str, str]:
+        """(help line, description)."""
+        if self.options is None:
+            return self.help, self.help
+        first, _, rest = inspect.getdoc(self.options).partition("\n\n")
+        return first, " ".join(rest.split()) or first
+
+
+COMMANDS = (
+    Command("upcycle", UpcycleOptions, _upcycle, (("src", "SRC", "dense Llama checkpoint directory (config.json + "
+                                                   "safetensors)"),
+                                                  ("dst", "DST", "output directory (must not exist unless --force)")),
+            (Progress,)),
+    Command("verify", VerifyOptions, _verify, (("dense", "DENSE", "reference checkpoint directory (the dense source)"),
+                                               ("moe", "MOE", "checkpoint directory to check (the upcycled model)")),
+            (VerifyOutput,)),
+    Command("params", Plan, _params, (("target", "TARGET", "preset name, config.json, checkpoint directory, or a "
+                                       "count (7B, 175e9)"),), (ParamsOutput,)),
+    Command("train", TrainOptions, _train),
+    Command("bench", help="benchmarks that print a table and write JSON: a routed layer, or the grouped-GEMM kernels",
+            subcommands=(Command("layer", LayerBenchOptions, _bench_layer),
+                         Command("gemm", GemmBenchOptions, _bench_gemm))),
+)
+
+
+def _add(sub, command: Command) -> None:
+    help, description = command.texts()
+    p = sub.add_parser(command.name, help=help, description=description)
+    for name, metavar, text in command.positionals:
+        p.add_argument(name, metavar=metavar, help=text)
+    for cls in (command.options, *command.extra):
+        if cls is not None:
+            add_options(p, cls)
+    if command.subcommands:
+        inner = p.add_subparsers(dest="subcommand", metavar="WHAT", required=True, parser_class=Parser)
+        for c in command.subcommands:
+            _add(inner, c)
+    else:
+        p.set_defaults(command_spec=command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="moekit", description="Upcycle dense Llama checkpoints into Mixture-of-Experts models, "
+                    "train them, and account for their cost.")
+    parser.add_argument("--version", action="version", version=f"moekit {package_version('moekit') or 'unknown'}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for command in COMMANDS:
+        _add(sub, command)
+    return parser
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, systemd, Kubernetes), handled like Ctrl-C: temporary outputs are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+    if argv[:3] == ["bench", "gemm", "--"]:  # the older `bench gemm -- OPTIONS` form
+        del argv[2]
+    name, debug = next((a for a in argv if not a.startswith("-")), ""), "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        spec = getattr(args, "command_spec", None)
+        if spec is None:
+            parser.print_help()
+            return 0
+        name = " ".join(filter(None, (args.command, getattr(args, "subcommand", None))))
+        return int(spec.run(args, options_from(spec.options, args)) or 0)
+    except MoekitError as e:
+        if debug:
+            raise
+        print_error(name, str(e))
+        return 2
+    except OSError as e:  # the file system: disk full, read-only, permission denied, ...
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print_error(name, f"{where}{e.strerror or e}")
+        return 2
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        print(f"moekit{' ' + name if name else ''}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}",
+              file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

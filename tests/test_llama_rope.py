@@ -1,0 +1,47 @@
+"""llama.rope: cos/sin of the default, linear and llama3 rotary embeddings equal transformers' LlamaRotaryEmbedding."""
+
+import pytest
+import torch
+import transformers
+
+from llama import LlamaConfig
+from llama.rope import RotaryEmbedding, apply_rotary, rotate_half
+
+SCALINGS = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+}
+
+
+@pytest.mark.parametrize("kind", list(SCALINGS))
+def test_cos_sin_equal_transformers(kind):
+    cfg = LlamaConfig(vocab_size=32, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=512, rope_theta=500000.0,
+                      rope_scaling=SCALINGS[kind])
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_dict().items() if k != "model_type"})
+    hf = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_cfg)
+    positions = torch.tensor([[0, 1, 7, 63, 64, 65, 300, 511]])
+    cos, sin = RotaryEmbedding(cfg)(positions, torch.float32)
+    hf_cos, hf_sin = hf(torch.zeros(1, dtype=torch.float32), positions)
+    assert cos.shape == (1, 8, 64)
+    assert (cos - hf_cos).abs().max().item() <= 1e-6 and (sin - hf_sin).abs().max().item() <= 1e-6
+    if kind != "default":  # the scaling changed something
+        plain, _ = RotaryEmbedding(cfg.replace(rope_scaling=None))(positions, torch.float32)
+        assert (plain - cos).abs().max().item() > 1e-3
+
+
+def test_rotation_keeps_norms_and_relative_positions():
+    cfg = LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1)
+    rope = RotaryEmbedding(cfg)
+    q, k = torch.randn(1, 1, 1, 32), torch.randn(1, 1, 1, 32)
+
+    def rotated(x, pos):
+        cos, sin = rope(torch.tensor([[pos]]), torch.float32)
+        return apply_rotary(x, cos, sin)
+
+    assert torch.allclose(rotated(q, 5).norm(), q.norm(), atol=1e-5)
+    # q.k depends only on the distance between the positions
+    assert torch.allclose((rotated(q, 3) * rotated(k, 10)).sum(), (rotated(q, 103) * rotated(k, 110)).sum(), atol=1e-4)
+    assert torch.equal(rotate_half(torch.tensor([1.0, 2.0, 3.0, 4.0])), torch.tensor([-3.0, -4.0, 1.0, 2.0]))
