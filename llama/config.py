@@ -62,6 +62,23 @@ class LlamaConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"config field '{name}' must be a positive integer, got {v!r}")
+        for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ConfigError(f"config field '{name}' must be a positive finite number, got {v!r}")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config field '{name}' must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            ids = v if isinstance(v, list) else [v]
+            if not all(i is None or (isinstance(i, int) and not isinstance(i, bool)) for i in ids):
+                raise ConfigError(f"config field '{name}' must be a token id, a list of them or null, got {v!r}")
+        if not isinstance(self.hidden_act, str) or not isinstance(self.model_type, str):
+            raise ConfigError(f"config fields 'hidden_act' and 'model_type' must be strings, got "
+                              f"{self.hidden_act!r}, {self.model_type!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ConfigError(f"config field 'rope_scaling' must be an object or null, got {self.rope_scaling!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_key_value_heads})")
@@ -73,8 +90,10 @@ class LlamaConfig:
             kind = self.rope_type
             if kind not in ROPE_TYPES:
                 raise ConfigError(f"rope_scaling type '{kind}' is not supported; expected one of {ROPE_TYPES}")
-            if kind != "default" and "factor" not in self.rope_scaling:
-                raise ConfigError(f"rope_scaling of type '{kind}' needs a 'factor'")
+            factor = self.rope_scaling.get("factor")
+            if kind != "default" and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                                      or not 0 < factor < float("inf")):
+                raise ConfigError(f"rope_scaling of type '{kind}' needs a positive number 'factor', got {factor!r}")
 
     @property
     def rope_type(self) -> str:

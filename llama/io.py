@@ -1,13 +1,17 @@
 """Shared file I/O for every room: reading JSON and config.json with one-line errors, atomic JSON files and
 atomic output directories, package versions.
 
-Atomic outputs: a directory is built in ``DST.tmp-PID-<random>``, fsynced, then renamed to DST, so DST exists
-only when complete; an existing DST is never replaced without ``force``. Leftovers of killed runs are removed
-by the next run to the same DST.
+Atomic outputs: a directory is built in ``DST.tmp-<random>`` (locked while a run works in it), fsynced, then
+renamed to DST, so DST exists only when complete; an existing DST is never replaced without ``force``, not even
+one that another run published meanwhile. Leftovers of killed runs (no lock held) are removed by the next run to
+the same DST.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import json
 import os
 import re
@@ -65,7 +69,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """JSON to a standalone file `path` (its directory made if missing) through a temporary file, fsynced,
     then renamed: readers see the old file or the new one, never a half-written one."""
     path = str(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    make_parents(path)
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "w") as f:
@@ -79,6 +83,21 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
             os.remove(tmp)
 
 
+def check_parents(path: str) -> None:
+    """Fail early, in one line, if `path` cannot be created because one of the directories above it is a file."""
+    probe = os.path.dirname(os.path.abspath(path))
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe and not os.path.isdir(probe):
+        raise CheckpointError(f"{probe}: Not a directory (it is a file); cannot create {path} inside it")
+
+
+def make_parents(path: str) -> None:
+    """Create the directories above `path` (see `check_parents`)."""
+    check_parents(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
 def package_version(name: str) -> str | None:
     """The installed version of a distribution, or None."""
     try:
@@ -89,41 +108,143 @@ def package_version(name: str) -> str | None:
 
 # ---- atomic output directories ---------------------------------------------------------------------
 
-class AtomicDir:
-    """Build a directory in ``DST.tmp-PID-<random>`` and rename it to DST on success; remove it on failure.
+def check_path(path: str | os.PathLike, what: str = "output") -> str:
+    """An absolute path for a non-empty `path`; an empty one would silently mean the current directory."""
+    if not str(path).strip():
+        raise ConfigError(f"the {what} path is empty; expected a directory name")
+    return os.path.abspath(str(path)).rstrip("/") or "/"
 
-    An existing DST is refused unless ``force``; stale temporaries of dead processes are cleaned first."""
+
+def check_disjoint(src: str | os.PathLike, dst: str | os.PathLike, src_name: str = "SRC",
+                   dst_name: str = "DST") -> None:
+    """Refuse a `dst` equal to, inside, or containing `src`, however either is spelled (symlinks resolved)."""
+    a, b = os.path.realpath(str(src)), os.path.realpath(str(dst))
+    if a == b or os.path.commonpath([a, b]) in (a, b):
+        raise ConfigError(f"{dst_name} {dst} and {src_name} {src} overlap ({b} vs {a}); {dst_name} must be a "
+                          f"directory outside {src_name} that does not contain it")
+
+
+def check_free_space(path: str, needed: int, what: str = "the output") -> None:
+    """Refuse to start writing `needed` bytes where the file system has less free space (with 1% to spare)."""
+    parent = path
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent) or "."
+    free = shutil.disk_usage(parent).free
+    if free < needed * 1.01:
+        raise CheckpointError(f"{path}: {what} needs {needed / 1e9:,.2f} GB but {parent} has {free / 1e9:,.2f} GB "
+                              "free; free some space or pass --ignore-free-space")
+
+
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename `src` to `dst`, failing with FileExistsError if `dst` exists, without a window between the check
+    and the rename (Linux renameat2(RENAME_NOREPLACE); elsewhere rename, which refuses a non-empty directory)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        if renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), _RENAME_NOREPLACE) == 0:  # -100: AT_FDCWD
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):  # the file system does not support the flag: fall back
+            raise OSError(err, os.strerror(err), dst) if err != errno.EEXIST else FileExistsError(
+                err, os.strerror(err), dst)
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    os.rename(src, dst)
+
+
+def locked_dir(path: str) -> int:
+    """Create directory `path` already holding an exclusive lock on it: made under a hidden name, locked, then
+    renamed, so no one ever sees it unlocked. Returns the lock's file descriptor (close it to release)."""
+    parent, base = os.path.split(path)
+    hidden = os.path.join(parent, f".{base}.new")
+    os.mkdir(hidden)
+    fd = os.open(hidden, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(hidden, path)
+    return fd
+
+
+def try_lock(path: str) -> int | None:
+    """An exclusive lock on directory `path` (its file descriptor), or None if another process holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+class AtomicDir:
+    """Build a directory in ``DST.tmp-<random>`` and rename it to DST on success; remove it on failure.
+
+    The temporary directory is locked (flock) for the run's life, so a later run knows a leftover is stale when
+    it can take the lock, whichever PID namespace the runs live in. An existing DST is refused unless `force`,
+    both at the start and at the final rename (which never replaces an output that appeared meanwhile unless
+    `force`)."""
 
     def __init__(self, dst: str | os.PathLike, force: bool = False):
-        self.dst = os.path.abspath(str(dst)).rstrip("/")
+        self.dst = check_path(dst)
         self.force = force
-        self.tmp = None
+        self.tmp, self._lock = None, None
 
     def __enter__(self) -> str:
         if os.path.lexists(self.dst) and not self.force:
             raise CheckpointError(f"{self.dst} already exists; pass --force (force=True) to overwrite it")
-        os.makedirs(os.path.dirname(self.dst) or ".", exist_ok=True)
+        make_parents(self.dst)
         clean_stale_temporaries(self.dst)
-        self.tmp = f"{self.dst}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.mkdir(self.tmp)
+        self.tmp = f"{self.dst}.tmp-{uuid.uuid4().hex[:12]}"
+        self._lock = locked_dir(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return False
+            for name in os.listdir(self.tmp):
+                fsync(os.path.join(self.tmp, name))
+            fsync(self.tmp)
+            self._publish()
+            fsync(os.path.dirname(self.dst))
             return False
-        for name in os.listdir(self.tmp):
-            fsync(os.path.join(self.tmp, name))
-        fsync(self.tmp)
-        old = None
-        if os.path.lexists(self.dst):
-            old = f"{self.dst}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(self.dst, old)
-        os.rename(self.tmp, self.dst)
-        fsync(os.path.dirname(self.dst))
-        if old:
-            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
-        return False
+        finally:
+            os.close(self._lock)
+
+    def _publish(self) -> None:
+        """Rename the finished temporary directory to DST (replacing an existing DST only under force)."""
+        for _ in range(10):
+            old = None
+            if self.force and os.path.lexists(self.dst):
+                old = f"{self.dst}.old-{uuid.uuid4().hex[:12]}"
+                try:
+                    os.rename(self.dst, old)
+                except FileNotFoundError:  # another run replaced it first: try again
+                    old = None
+            try:
+                rename_noreplace(self.tmp, self.dst)
+            except FileExistsError:
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+                if self.force:
+                    continue  # a concurrent run published in between: replace its output too
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise CheckpointError(f"{self.dst} appeared while this run was writing it (another run?); "
+                                      "nothing replaced, pass --force to overwrite it") from None
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
+            return
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        raise CheckpointError(f"{self.dst}: other runs keep replacing it; gave up")
 
 
 def fsync(path: str) -> None:
@@ -137,21 +258,14 @@ def fsync(path: str) -> None:
 
 
 def clean_stale_temporaries(dst: str) -> None:
-    """Remove ``DST.tmp-PID-*`` / ``DST.old-PID-*`` left by killed runs whose process is gone."""
+    """Remove ``DST.tmp-*`` / ``DST.old-*`` left by killed runs: those whose lock no live process holds."""
     parent, base = os.path.split(dst)
     for name in os.listdir(parent or "."):
-        m = re.fullmatch(re.escape(base) + r"\.(?:tmp|old)-(\d+)-[0-9a-f]{8}", name)
-        if m and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if re.fullmatch(re.escape(base) + r"\.(?:tmp|old)-[0-9a-f]+(?:-[0-9a-f]+)?", name):
+            path = os.path.join(parent, name)
+            fd = try_lock(path)
+            if fd is not None:
+                try:
+                    shutil.rmtree(path, ignore_errors=True)
+                finally:
+                    os.close(fd)

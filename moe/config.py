@@ -76,6 +76,9 @@ class MoEConfig(LlamaConfig):
         if self.shared_expert_gate and not self.shared_expert_intermediate_size:
             raise ConfigError("shared_expert_gate is set but there is no shared expert "
                               "(num_shared_experts and shared_expert_intermediate_size are 0)")
+        for name in ("shared_expert_gate", "norm_topk_prob"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config field '{name}' must be true or false, got {getattr(self, name)!r}")
         if self.router_score not in ROUTER_SCORES:
             raise ConfigError(f"router_score '{self.router_score}' is not supported; expected one of {ROUTER_SCORES}")
         cf = self.capacity_factor

@@ -1,5 +1,5 @@
 import sys
 
-from moekit.cli import main
+from moekit import main
 
 sys.exit(main())

@@ -126,7 +126,7 @@ def test_killed_mid_write_leaves_no_dst_and_the_next_run_cleans_up(tmp_path, den
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     tmp = left_behind(str(dst))
-    assert len(tmp) == 1 and tmp[0].startswith(f"moe.tmp-{child.pid}-") and not dst.exists()
+    assert len(tmp) == 1 and tmp[0].startswith("moe.tmp-") and not dst.exists()
     assert any(n.endswith(".safetensors") for n in os.listdir(tmp_path / tmp[0]))  # it was writing shards
     assert run_upcycle(capsys, dense_dir, dst, "--num-experts", "4")[0] == 0
     assert left_behind(str(dst)) == ["moe"] and (dst / "upcycling.json").exists()

@@ -5,12 +5,13 @@ from the plan, then each tensor is made and written the moment it is needed, one
 up and down as separate [F, H] / [H, F] tensors, never a stacked [E, ...] tensor. Experts are written role-major
 (every expert's gate, then every up, then every down) so only one dense FFN matrix is held at a time. Peak memory
 is about one dense tensor plus one output tensor, whatever the model size. The directory is built in
-`DST.tmp-PID-*` and renamed when complete (`llama.io.AtomicDir`).
+`DST.tmp-*` and renamed when complete (`llama.io.AtomicDir`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import time
@@ -29,7 +30,15 @@ from llama.checkpoint import (
 )
 from llama.config import LlamaConfig
 from llama.errors import CheckpointError, ConfigError
-from llama.io import AtomicDir, package_version, read_json, write_json
+from llama.io import (
+    AtomicDir,
+    check_disjoint,
+    check_free_space,
+    check_path,
+    package_version,
+    read_json,
+    write_json,
+)
 from llama.model import Llama
 from moe import formats
 from moe.config import MoEConfig
@@ -209,12 +218,13 @@ def upcycle(src: str | os.PathLike, dst: str | os.PathLike, options: UpcycleOpti
 
     options = options or UpcycleOptions()
     start = time.perf_counter()
-    src, dst = os.path.abspath(str(src)), os.path.abspath(str(dst)).rstrip("/")
-    if dst == src or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
-        raise ConfigError(f"DST {dst} must be a directory outside SRC {src}")
+    src, dst = check_path(src, "SRC"), check_path(dst, "DST")
+    check_disjoint(src, dst)
     with CheckpointReader(src) as source:
         plan = plan_upcycle(source, options)
         exact = plan.function_preserving(options)
+        if not options.ignore_free_space:
+            check_free_space(dst, sum(math.prod(it.shape) * it.dtype.itemsize for it in plan.items), "the MoE")
         with AtomicDir(dst, options.force) as tmp:
             write_json(os.path.join(tmp, "config.json"), plan.config_json())
             writer = ShardedWriter(tmp, [(it.name, it.dtype, it.shape) for it in plan.items], options.max_shard_size)

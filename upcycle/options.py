@@ -52,6 +52,7 @@ class UpcycleOptions:
     format: str = option("auto", "auto: mixtral when it can express the layout, else qwen2_moe",
                          choices=FORMAT_CHOICES)
     force: bool = option(False, "replace DST if it exists")
+    ignore_free_space: bool = option(False, "write even if the file system seems to lack the space the output needs")
     verify: bool = option(True, "skip the logit check against SRC at the end")
     verify_tokens: int = option(32, "tokens for the final check", metavar="N", min=1, max=65536)
     verify_atol: float = option(1e-4, "max |logit difference| a function-preserving recipe may show",

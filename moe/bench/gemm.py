@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from kernels import dispatch, reference
 from llama.checkpoint import dtype_from_name
-from llama.io import write_json_atomic
+from llama.io import check_parents, write_json_atomic
 
 from .options import GemmBenchOptions
 from .timing import device_name, git_commit, median_time
@@ -161,6 +161,7 @@ def measure(args: GemmBenchOptions) -> dict:
 
 def run(args: GemmBenchOptions) -> dict:
     """`moekit bench gemm`: measure, print the table, write the JSON."""
+    check_parents(args.json)
     result = measure(args)
     print(f"{result['device']}, {result['dtype']}, commit {result['commit']}, shapes {result['shapes']}")
     print(_table(result["rows"]))

@@ -290,8 +290,10 @@ def format_table(report: dict) -> str:
 def run(options: LayerBenchOptions) -> dict:
     """`moekit bench layer`: bench_layer with the options given (else the preset's, else the defaults); print the
     table and write the JSON."""
-    from llama.io import write_json_atomic
+    from llama.io import check_parents, write_json_atomic
 
+    if options.json:
+        check_parents(options.json)
     kwargs = options.layer_kwargs()
     if "dtype" in kwargs:
         kwargs["dtype"] = dtype_from_name(kwargs["dtype"])

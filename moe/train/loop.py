@@ -25,7 +25,7 @@ from torch import nn
 
 from llama.config import LLAMA_PRESETS, LlamaConfig
 from llama.errors import CheckpointError, ConfigError
-from llama.io import AtomicDir, config_path, read_config_json, write_json
+from llama.io import AtomicDir, check_disjoint, config_path, read_config_json, write_json
 from llama.model import Llama
 from moe.config import MOE_PRESETS, MoEConfig
 from moe.model import MoEForCausalLM
@@ -115,6 +115,8 @@ def train(cfg: TrainOptions, log=print) -> TrainResult:
     from tqdm.auto import tqdm
 
     cfg.validate()
+    if cfg.out and os.path.isdir(cfg.model):
+        check_disjoint(cfg.model, cfg.out, "MODEL", "--out")
     if cfg.out and os.path.lexists(cfg.out) and not cfg.force:
         raise CheckpointError(f"{os.path.abspath(cfg.out)} already exists; pass --force to overwrite it")
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)

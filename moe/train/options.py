@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llama.errors import ConfigError
 from llama.options import MAX_SEED, check_options, option
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -50,3 +51,5 @@ class TrainOptions:
 
     def validate(self) -> None:
         check_options(self)
+        if self.out is not None and not self.out.strip():
+            raise ConfigError("--out is empty; expected a directory name")
