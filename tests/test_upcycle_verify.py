@@ -1,6 +1,8 @@
 """upcycle.verify: the streamed, independently written forward pass equals the models' own (dense Llama, Mixtral,
 Qwen2-MoE with a shared expert and dense layers), and the comparison reports what differs."""
 
+import json
+
 import pytest
 import torch
 
@@ -57,3 +59,14 @@ def test_models_of_other_shapes_are_refused(tmp_path):
     Llama(tiny_llama(hidden_size=24, num_attention_heads=2)).save_pretrained(tmp_path / "narrow")
     with pytest.raises(ConfigError, match="hidden_size 48 != 24"):
         verify_checkpoints(a, tmp_path / "narrow")
+
+
+def test_a_config_that_does_not_match_the_weights(tmp_path, capsys):
+    from helpers import one_line_error
+
+    Llama(tiny_llama(hidden_size=40, num_attention_heads=4, head_dim=8)).save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    del config["head_dim"]  # now derived as 40 // 4 = 10, not the 8 the weights were made with
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    err = one_line_error(capsys, "verify", tmp_path / "a", tmp_path / "a", "--no-progress")
+    assert "self_attn.k_proj.weight' has shape [32, 40]; expected shape [40, 40] from config.json" in err

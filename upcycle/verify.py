@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from llama.checkpoint import CheckpointReader
 from llama.config import LlamaConfig
-from llama.errors import ConfigError, MoekitError
+from llama.errors import CheckpointError, ConfigError, MoekitError
 from llama.model import DecoderLayer
 from llama.rope import RotaryEmbedding
 from moe import formats
@@ -114,6 +114,13 @@ class StreamedCheckpoint:
         prefix = f"model.layers.{i}."
         state = {k[len(prefix):]: self.get(k).float() for k in self.source.names()
                  if k.startswith(prefix) and not any(p in k for p in (".mlp.", ".block_sparse_moe.", "rotary_emb"))}
+        expected = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+        for k in sorted(set(expected) | set(state)):
+            got = tuple(state[k].shape) if k in state else None
+            if got != expected.get(k):
+                want = f"shape {list(expected[k])} from config.json" if k in expected else "no such tensor"
+                have = f"has shape {list(got)}" if got is not None else "is missing"
+                raise CheckpointError(f"{self.source.path}: tensor '{prefix}{k}' {have}; expected {want}")
         layer.load_state_dict(state, strict=True, assign=True)
         return layer
 
