@@ -214,37 +214,41 @@ class AtomicDir:
             for name in os.listdir(self.tmp):
                 fsync(os.path.join(self.tmp, name))
             fsync(self.tmp)
-            self._publish()
-            fsync(os.path.dirname(self.dst))
+            try:
+                publish(self.tmp, self.dst, self.force)
+            except CheckpointError:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
             return False
         finally:
             os.close(self._lock)
 
-    def _publish(self) -> None:
-        """Rename the finished temporary directory to DST (replacing an existing DST only under force)."""
-        for _ in range(10):
-            old = None
-            if self.force and os.path.lexists(self.dst):
-                old = f"{self.dst}.old-{uuid.uuid4().hex[:12]}"
-                try:
-                    os.rename(self.dst, old)
-                except FileNotFoundError:  # another run replaced it first: try again
-                    old = None
+
+def publish(tmp: str, dst: str, force: bool) -> None:
+    """Rename the finished directory `tmp` to `dst` without ever replacing an existing `dst` unless `force`
+    (not even one another run published a moment ago). Raises CheckpointError, leaving `tmp` in place."""
+    for _ in range(10):
+        old = None
+        if force and os.path.lexists(dst):
+            old = f"{dst}.old-{uuid.uuid4().hex[:12]}"
             try:
-                rename_noreplace(self.tmp, self.dst)
-            except FileExistsError:
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
-                if self.force:
-                    continue  # a concurrent run published in between: replace its output too
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise CheckpointError(f"{self.dst} appeared while this run was writing it (another run?); "
-                                      "nothing replaced, pass --force to overwrite it") from None
+                os.rename(dst, old)
+            except FileNotFoundError:  # another run replaced it first: try again
+                old = None
+        try:
+            rename_noreplace(tmp, dst)
+        except FileExistsError:
             if old is not None:
-                shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
-            return
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        raise CheckpointError(f"{self.dst}: other runs keep replacing it; gave up")
+                shutil.rmtree(old, ignore_errors=True)
+            if force:
+                continue  # a concurrent run published in between: replace its output too
+            raise CheckpointError(f"{dst} appeared while this run was writing it (another run?); nothing "
+                                  "replaced, pass --force to overwrite it") from None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
+        fsync(os.path.dirname(dst))
+        return
+    raise CheckpointError(f"{dst}: other runs keep replacing it; gave up")
 
 
 def fsync(path: str) -> None:

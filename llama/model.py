@@ -252,6 +252,14 @@ class Llama(nn.Module):
             with torch.device("meta"):
                 model = cls(config)
             state = model.load_checkpoint_tensors(reader, dtype)
+        return cls.from_state_dict(config, state, device, model)
+
+    @classmethod
+    def from_state_dict(cls, config: LlamaConfig, state: dict[str, torch.Tensor], device=None, model=None):
+        """A model (eval mode) holding `state`'s tensors (moved to `device`), built without initialising weights."""
+        if model is None:
+            with torch.device("meta"):
+                model = cls(config)
         device = torch.device(device or "cpu")
         model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False, assign=True)
         if config.tie_word_embeddings:

@@ -6,7 +6,7 @@ moves a value to the host: every result is a tensor on the activations' device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +30,14 @@ def router_probs(aux: MoEAux, score: str) -> torch.Tensor:
 
 
 def load_balancing_loss(probs: Sequence[torch.Tensor], expert_ids: Sequence[torch.Tensor],
-                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                        attention_mask: torch.Tensor | None = None,
+                        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Switch / Mixtral load-balancing loss over all MoE layers together, as transformers'
     `load_balancing_loss_func`: E * sum_e f_e * P_e, where f_e is the fraction of (unpadded) tokens that chose
     expert e (counting every one of the k choices) and P_e the mean routing probability of e, both averaged
-    over the layers' rows. probs [T, E] and expert_ids [T, k] per layer; attention_mask [B, S] or None."""
+    over the layers' rows. probs [T, E] and expert_ids [T, k] per layer; attention_mask [B, S] or None.
+    `reduce` (e.g. a sum over data-parallel processes) turns the local token counts into global-batch counts
+    before f_e is taken; P_e stays local, so each process's gradient is its share of the global loss."""
     E = probs[0].shape[-1]
     device = probs[0].device
     counts = torch.zeros(E, device=device)  # [E]
@@ -47,7 +50,11 @@ def load_balancing_loss(probs: Sequence[torch.Tensor], expert_ids: Sequence[torc
         counts = counts + torch.zeros(E, device=device).scatter_add_(0, ids.reshape(-1), ones)
         prob_sum = prob_sum + (p.float() if mask is None else p.float() * mask[:, None]).sum(0)
         rows = rows + (p.shape[0] if mask is None else mask.sum())
-    return E * torch.sum((counts / rows) * (prob_sum / rows))
+    fraction = counts / rows
+    if reduce is not None:
+        fraction = reduce(torch.cat([counts, rows.reshape(1)]))
+        fraction = fraction[:E] / fraction[E]
+    return E * torch.sum(fraction * (prob_sum / rows))
 
 
 def router_z_loss(logits: Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,9 +76,12 @@ class RouterStats:
     dropped: torch.Tensor  # [L_moe] int64 copies dropped by the capacity limit
     max_load: torch.Tensor  # [L_moe] max / mean of tokens_per_expert (1 = perfectly balanced)
     entropy: torch.Tensor  # [L_moe] mean entropy (nats) of the routing distribution per token
+    aux_loss: torch.Tensor  # [L_moe] the load-balancing loss of each layer alone (unscaled)
+    z_loss: torch.Tensor  # [L_moe] the router z-loss of each layer alone (unscaled)
 
 
-def routing_stats(aux: Sequence[MoEAux | None], score: str = "softmax") -> RouterStats | None:
+def routing_stats(aux: Sequence[MoEAux | None], score: str = "softmax",
+                  attention_mask: torch.Tensor | None = None) -> RouterStats | None:
     """RouterStats from the per-layer aux list (None entries are dense layers); None without MoE layers."""
     layers = [i for i, a in enumerate(aux) if a is not None]
     if not layers:
@@ -80,12 +90,14 @@ def routing_stats(aux: Sequence[MoEAux | None], score: str = "softmax") -> Route
         counts = torch.stack([aux[i].tokens_per_expert for i in layers])  # [L_moe, E]
         c = counts.float()
         max_load = c.max(-1).values / c.mean(-1).clamp(min=1e-9)
-        ents = []
+        ents, balance, z = [], [], []
         for i in layers:
             p = router_probs(aux[i], score)
             ents.append(-(p * torch.log(p.clamp(min=1e-20))).sum(-1).mean())
+            balance.append(load_balancing_loss([p], [aux[i].expert_ids], attention_mask))
+            z.append(router_z_loss([aux[i].logits], attention_mask))
         return RouterStats(layers, counts, torch.stack([aux[i].dropped for i in layers]), max_load,
-                           torch.stack(ents))
+                           torch.stack(ents), torch.stack(balance), torch.stack(z))
 
 
 @torch.no_grad()

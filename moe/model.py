@@ -62,8 +62,11 @@ class MoEForCausalLM(Llama):
             nn.init.normal_(module.weight, std=std)
             nn.init.zeros_(module.e_score_correction_bias)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, cache: KVCache | None = None) -> MoECausalLMOutput:
-        """input_ids [B, S] (attention_mask [B, L] of 1/0, labels [B, S] with -100 ignored)."""
+    def forward(self, input_ids, attention_mask=None, labels=None, cache: KVCache | None = None,
+                global_balance: bool = False) -> MoECausalLMOutput:
+        """input_ids [B, S] (attention_mask [B, L] of 1/0, labels [B, S] with -100 ignored). `global_balance`:
+        the load-balancing loss takes its token fractions over every data-parallel process's batch (all-reduced;
+        a no-op in a single process)."""
         cfg = self.config
         h, aux = self.model(input_ids, attention_mask, cache)  # [B, S, H], per layer MoEAux or None
         logits = self.lm_head(h)  # [B, S, V]
@@ -71,7 +74,8 @@ class MoEForCausalLM(Llama):
         aux_loss = z_loss = None
         if routed:
             aux_loss = load_balancing_loss([router_probs(a, cfg.router_score) for a in routed],
-                                           [a.expert_ids for a in routed], attention_mask)
+                                           [a.expert_ids for a in routed], attention_mask,
+                                           _all_reduce_sum if global_balance else None)
             z_loss = router_z_loss([a.logits for a in routed], attention_mask)
         loss = lm_loss = causal_lm_loss(logits, labels) if labels is not None else None
         if loss is not None and routed:
@@ -79,7 +83,8 @@ class MoEForCausalLM(Llama):
                 loss = loss + cfg.router_aux_loss_coef * aux_loss
             if cfg.router_z_loss_coef:
                 loss = loss + cfg.router_z_loss_coef * z_loss
-        return MoECausalLMOutput(logits, loss, lm_loss, aux_loss, z_loss, routing_stats(aux, cfg.router_score))
+        return MoECausalLMOutput(logits, loss, lm_loss, aux_loss, z_loss,
+                                 routing_stats(aux, cfg.router_score, attention_mask))
 
     def update_router_bias(self, counts_per_layer, rate: float | None = None) -> None:
         """Auxiliary-loss-free balancing step (see `moe.losses.update_router_bias`); call once per optimizer step."""
@@ -105,3 +110,14 @@ class MoEForCausalLM(Llama):
         d = formats.hf_config_dict(self.config, self.resolve_format(format))
         d["torch_dtype"] = dtype_name(dtype)
         return d
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over the default process group (no gradient flows through it); `t` itself when alone."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t

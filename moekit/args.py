@@ -11,7 +11,11 @@ from llama.options import declared_fields, default_of, flag_name
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors: the error and where to look, no usage block."""
+    """argparse with one-line usage errors (the error and where to look, no usage block) and no abbreviated
+    flags (--token would be ambiguous, and a later option could silently change what an abbreviation means)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -36,7 +40,8 @@ def add_options(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser
             continue
         kw: dict[str, Any] = {"help": help_text(f, default)}
         if meta.get("positional"):
-            parser.add_argument(f.name, metavar=meta.get("metavar", f.name.upper()), **kw)
+            optional = {"nargs": "?", "default": default} if default is None else {}
+            parser.add_argument(f.name, metavar=meta.get("metavar", f.name.upper()), **optional, **kw)
             continue
         kw.update(dest=f.name, default=default)
         if kind is bool:
@@ -57,6 +62,16 @@ def add_options(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser
 def options_from(cls, args: argparse.Namespace):
     """An instance of `cls` from the parsed flags (its own checks run on construction)."""
     return cls(**{f.name: getattr(args, f.name) for f, *_ in declared_fields(cls) if hasattr(args, f.name)})
+
+
+def given_options(cls, argv: list[str]) -> set[str]:
+    """The fields of `cls` whose flags appear in `argv` (typed by the user, whatever their values)."""
+    names = set()
+    for f, *_ in declared_fields(cls):
+        flag = flag_name(f)
+        if any(a == flag or a.startswith(flag + "=") for a in argv):
+            names.add(f.name)
+    return names
 
 
 def print_error(command: str, message: str) -> None:

@@ -22,7 +22,7 @@ from moe.bench.options import GemmBenchOptions, LayerBenchOptions
 from moe.train.options import TrainOptions
 from upcycle.options import UpcycleOptions, VerifyOptions
 
-from .args import Parser, add_options, options_from, print_error
+from .args import Parser, add_options, given_options, options_from, print_error
 
 
 @dataclass
@@ -71,6 +71,7 @@ def _params(args, plan: Plan) -> int:
 def _train(args, options: TrainOptions) -> int:
     from moe.train.loop import train
 
+    options.given = given_options(TrainOptions, args.argv) | ({"model"} if options.model else set())
     train(options)
     return 0
 
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         name = " ".join(filter(None, (args.command, getattr(args, "subcommand", None))))
+        args.argv = argv
         return int(spec.run(args, options_from(spec.options, args)) or 0)
     except MoekitError as e:
         if debug:
@@ -192,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         if debug:
             raise
-        print(f"moekit{' ' + name if name else ''}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}",
-              file=sys.stderr)
+        word = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"moekit{' ' + name if name else ''}: {word}{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
 
 

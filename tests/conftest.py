@@ -1,10 +1,12 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="moekit-tests-cache-")  # tokenised data of this run only
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -1,6 +1,8 @@
-"""Helpers shared by several test modules: running the command line as a user does, and small configs."""
+"""Helpers shared by several test modules: running the command line as a user does, small configs and checkpoints
+with real tokenizers."""
 
 import json
+import os
 
 import torch
 
@@ -60,3 +62,51 @@ def hf_llama(our_model):
     missing, unexpected = hf.load_state_dict(our_model.state_dict(), strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
     return hf
+
+
+CORPUS_MODULES = ("json", "argparse", "dataclasses", "textwrap", "string", "shlex")
+
+
+def corpus(n_files: int = 3) -> list[str]:
+    """Real text that every machine with Python has: some standard-library modules' sources."""
+    import importlib
+
+    return [open(importlib.import_module(m).__file__, encoding="utf-8").read() for m in CORPUS_MODULES[:n_files]]
+
+
+def bpe_tokenizer(directory, vocab_size: int = 320, bos: bool = True):
+    """A byte-level BPE tokenizer trained here on `corpus()`, saved as directory/tokenizer.json with a
+    tokenizer_config.json (and a chat template) that transformers' AutoTokenizer reads. `bos`: its
+    post-processor starts every sequence with <s> (Llama's convention); else none (EOS after each document)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    directory = str(directory)
+    os.makedirs(directory, exist_ok=True)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                   "pad_token": "<pad>", "chat_template": "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}"},
+                  f)
+    return tok
+
+
+def tiny_checkpoint(path, vocab_size: int = 320, dtype=None, tokenizer: bool = True, bos: bool = True):
+    """A tiny Llama checkpoint directory (optionally in `dtype`) with its own trained tokenizer."""
+    from llama import Llama
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=0, eos_token_id=1)
+    Llama(cfg).save_pretrained(path, dtype=dtype)
+    if tokenizer:
+        bpe_tokenizer(path, vocab_size, bos)
+    return path

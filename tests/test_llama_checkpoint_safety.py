@@ -10,10 +10,11 @@ import struct
 
 import pytest
 import torch
-from helpers import one_line_error
 
 from llama import Llama, LlamaConfig
 from moekit.cli import main
+
+from helpers import one_line_error
 
 COMMANDS = ("params", "verify", "upcycle", "train")
 

@@ -11,14 +11,19 @@ CLI_FAST = ["--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--no
 
 
 def test_arith_data_is_deterministic_and_split():
-    assert arith_text(3) == arith_text(3) and arith_text(3).count(b"\n") == 3
-    a, b = arith_text(1).decode().split("+")
+    assert arith_text(3) == arith_text(3) and arith_text(3).count("\n") == 3
+    a, b = arith_text(1).split("+")
     assert int(a) + int(b.split("=")[0]) == int(b.split("=")[1])
     data = TokenData(np.arange(1000), seq_len=9)
     assert len(data.val) == 50 and data.val[0] == 950  # the last 5%
-    w = data.train_batch(step=3, n=4)
+    w = data.train_batch(step=3, batch_size=4)
     assert w.shape == (4, 10) and (w[:, 1:] - w[:, :-1] == 1).all()
     assert torch.equal(torch.cat([data.train_batch(3, 2, rank=r, world=2) for r in (0, 1)]), w)
+    assert torch.equal(data.train_batch(3, 2, accum=2), w)  # batch 4 = batch 2 x accum 2
+    w8 = data.train_batch(4, batch_size=4, accum=2)  # one process, micro-batches of 4
+    ranks = [data.train_batch(4, 2, accum=2, rank=r, world=2) for r in (0, 1)]  # two processes of 2
+    for i in range(2):  # micro-batch i of both processes together = micro-batch i of the one process
+        assert torch.equal(torch.cat([r[2 * i:2 * i + 2] for r in ranks]), w8[4 * i:4 * i + 4])
 
 
 def test_text_and_npy_data(tmp_path):

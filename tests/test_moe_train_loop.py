@@ -31,19 +31,20 @@ def test_loss_falls_and_output_loads(preset, tmp_path):
     r = train(TrainOptions(model=preset, out=str(out), steps=40, **FAST), log=None)
     assert r.steps == 40 and r.tokens == 40 * 8 * 32
     assert r.val_loss < 0.8 * r.initial_val_loss, (r.initial_val_loss, r.val_loss)  # ~5.6 -> ~2.6
-    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl", "model.safetensors", "train_config.json"]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "metrics.jsonl", "model.safetensors",
+                                       "train_config.json"]
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0, 10, 20, 30, 40] and "val_loss" in lines[2] and "val_loss" in lines[-1]
     keys = {"step", "tokens", "lr", "loss", "grad_norm", "tokens_per_s"}
     keys |= {"lm_loss", "aux_loss", "z_loss", "max_load"} if preset == "tiny-moe" else set()
     assert keys <= set(lines[1]) and lines[-1]["val_loss"] == pytest.approx(r.val_loss, abs=1e-5)
     saved = json.loads((out / "train_config.json").read_text())
-    assert saved["seed"] == 0 and saved["steps"] == 40 and saved["source"] == f"preset {preset}"
+    assert saved["options"]["seed"] == 0 and saved["options"]["steps"] == 40 and saved["source"] == f"preset {preset}"
 
     ids = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         want = r.model(ids).logits
-        ours, _ = load_model(str(out))
+        ours = load_model(str(out)).model
         assert type(ours) is type(r.model)
         assert (ours.eval()(ids).logits - want).abs().max().item() <= 1e-5
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
@@ -67,7 +68,7 @@ def test_gradient_accumulation_is_exact(monkeypatch):
     assert len(grads) == 2 and max((x - y).abs().max().item() for x, y in zip(*grads)) <= 1e-7
     assert max(x.abs().max().item() for x in grads[0]) > 1e-3
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-    start, _ = load_model("tiny")
+    start = load_model("tiny").model
     assert max((a[k] - v).abs().max().item() for k, v in start.state_dict().items()) > 5e-5  # it did move
 
 
@@ -145,9 +146,64 @@ def test_checkpoint_source_keeps_its_format_and_save_every(tmp_path):
 
     MoEForCausalLM(MoEConfig.from_name("tiny-moe-shared")).save_pretrained(tmp_path / "src")  # qwen2_moe
     out = tmp_path / "out"
-    r = train(TrainOptions(model=str(tmp_path / "src"), out=str(out), steps=4, batch_size=2, seq_len=16,
+    r = train(TrainOptions(model=str(tmp_path / "src"), out=str(out), steps=4, batch_size=2, seq_len=16, tokenizer="bytes",
                           eval_batches=1, save_every=2, progress=False), log=None)
     assert isinstance(r.model, MoEForCausalLM) and (out / "step-000002" / "model.safetensors").is_file()
     for d in (out, out / "step-000002"):
         assert json.loads((d / "config.json").read_text())["model_type"] == "qwen2_moe"
     assert json.loads((out / "train_config.json").read_text())["source"] == str(tmp_path / "src")
+
+
+# ---- real checkpoints: the upcycled model continues the dense one, the output is complete -------------------
+
+def test_upcycled_copy_starts_at_its_dense_parents_loss_and_the_output_is_complete(tmp_path):
+    from upcycle import UpcycleOptions, upcycle
+
+    from helpers import corpus, tiny_checkpoint
+
+    dense = tiny_checkpoint(tmp_path / "dense", dtype=torch.bfloat16)
+    upcycle(str(dense), str(tmp_path / "moe"), UpcycleOptions(num_experts=4, top_k=2), progress=False, log=None)
+    (tmp_path / "data.txt").write_text("\n".join(corpus(3)))
+    common = dict(data=str(tmp_path / "data.txt"), steps=3, batch_size=2, seq_len=32, eval_batches=2,
+                  progress=False)
+    a = train(TrainOptions(model=str(dense), out=str(tmp_path / "dense-more"), **common), log=None)
+    b = train(TrainOptions(model=str(tmp_path / "moe"), out=str(tmp_path / "moe-more"), **common), log=None)
+    assert abs(a.initial_val_loss - b.initial_val_loss) <= 1e-4, (a.initial_val_loss, b.initial_val_loss)
+    assert 2 < a.initial_val_loss < 7  # through the BPE tokenizer (320 ids), not bytes
+    out = tmp_path / "moe-more"
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json", "metrics.jsonl",
+            "train_config.json"} <= set(os.listdir(out))
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"  # the source's dtype
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    assert type(hf).__name__ == "MixtralForCausalLM" and hf.dtype == torch.bfloat16
+    ids = tok("def main():", return_tensors="pt").input_ids
+    assert ids[0, 0].item() == 0 and hf.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, extra", [("tiny", []), ("tiny-moe", ["--balance", "global", "--router-bias-rate",
+                                                                       "0.01"])], ids=["dense", "moe"])
+def test_two_processes_give_the_losses_of_one(tmp_path, model, extra):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [model, "--steps", "4", "--seq-len", "16", "--log-every", "1", "--eval-batches", "2", "--no-progress",
+            "--grad-accum", "2", *extra]
+    one = subprocess.run([sys.executable, "-m", "moekit", "train", *args, "--batch-size", "4", "--out",
+                          str(tmp_path / "one")], cwd=root, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "moe.train",
+                          *args, "--batch-size", "2", "--out", str(tmp_path / "two")], cwd=root, capture_output=True,
+                         text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    read = lambda d: [json.loads(s) for s in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    a, b = read("one"), read("two")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [0, 1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for key in ("loss", "val_loss", "aux_loss"):
+            if key in x:
+                assert abs(x[key] - y[key]) <= 1e-5, (key, x, y)
+    assert json.loads((tmp_path / "two" / "train_config.json").read_text())["processes"] == 2
+    assert json.loads((tmp_path / "one" / "train_config.json").read_text())["processes"] == 1

@@ -12,13 +12,14 @@ from collections import namedtuple
 
 import pytest
 import torch
-from helpers import one_line_error
 from test_llama_checkpoint_safety import digest
 
 from llama import Llama, LlamaConfig
 from llama.io import locked_dir
 from moekit.cli import main
 from upcycle import verify_checkpoints
+
+from helpers import one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,15 +78,15 @@ def test_empty_paths_are_refused(dense_dir, tmp_path, capsys, argv):
 RACER = """
 import os, sys, time
 from llama import io
-publish = io.AtomicDir._publish
-def publish_together(self):  # every racer has checked that DST is absent; now all publish at once
+publish = io.publish
+def publish_together(tmp, dst, force):  # every racer has checked that DST is absent; now all publish at once
     open(sys.argv[3] + "." + sys.argv[4], "w").close()
     deadline = time.time() + 60
     while len([f for f in os.listdir(os.path.dirname(sys.argv[3])) if f.startswith("ready.")]) < 3:
         time.sleep(0.01)
         assert time.time() < deadline
-    publish(self)
-io.AtomicDir._publish = publish_together
+    publish(tmp, dst, force)
+io.publish = publish_together
 from moekit.cli import main
 sys.exit(main(["upcycle", sys.argv[1], sys.argv[2], "--no-progress", "--seed", sys.argv[4], *sys.argv[5:]]))
 """

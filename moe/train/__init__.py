@@ -1,9 +1,12 @@
 """Training: the accelerate trainer for dense and MoE causal LMs (`moekit train`, `accelerate launch -m moe.train`).
 
-    options  every option, declared once (`TrainOptions`)
-    data     token streams (built-in, text as bytes, .npy ids) and deterministic train / validation windows
-    optim    AdamW and the warmup + cosine schedule
-    loop     the loop itself: load, train, evaluate, write OUT atomically
+    options    every option, declared once (`TrainOptions`)
+    tokenizer  the checkpoint's own tokenizer.json (the `tokenizers` library), another one, or bytes
+    data       documents -> a cached token stream (.npy memmap); deterministic train / validation windows
+    optim      AdamW (routers at their own lr, frozen non-experts) and the warmup + cosine schedule
+    metrics    what a log line holds: losses, perplexity, MFU, per-layer expert use; trackers
+    state      OUT.partial, the training state, --resume
+    loop       the loop itself: load, train, evaluate, publish OUT
 
 It imports `llama` and `moe`. Exports load on first use.
 
@@ -15,8 +18,8 @@ from llama._lazy import lazy_exports
 
 _EXPORTS = {
     "MIXED_PRECISION": "options", "TrainOptions": "options",
-    "TokenData": "data", "load_tokens": "data",
-    "lr_at": "optim", "make_optimizer": "optim",
+    "TokenData": "data", "load_tokens": "data", "ByteTokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+    "Schedule": "optim", "make_optimizer": "optim", "WorkDir": "state",
     "TrainResult": "loop", "evaluate": "loop", "load_model": "loop", "train": "loop",
 }
 __all__ = sorted(_EXPORTS)

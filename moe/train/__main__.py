@@ -5,4 +5,6 @@ import sys
 
 from moekit.cli import main
 
-sys.exit(main(["train", *sys.argv[1:]]))
+args = sys.argv[1:]
+debug = ["--debug"] if "--debug" in args else []
+sys.exit(main([*debug, "train", *(a for a in args if a != "--debug")]))

@@ -1,70 +1,144 @@
-"""Training data without a tokenizer: the bytes of text files, pre-tokenised `.npy` ids, or a built-in set.
+"""Training data: documents from text files, a directory of them, `.jsonl`, a `datasets` directory or a built-in
+set, tokenised once into a cached `.npy` memmap (keyed by the tokenizer's and the documents' hashes, so a second
+run and every process of a multi-process run reuse it); or token ids given as `.npy`.
 
-One flat id stream is split into train (the first 95%) and validation (the last 5%). A step's training
-sequences are random windows of seq_len + 1 tokens drawn from a generator seeded by (seed, step) only, so they
-do not depend on how the step is split into micro-batches or processes: batch 4 x accum 1 and batch 2 x accum 2
-see the same four sequences. Validation windows are evenly spaced and the same at every evaluation.
+One flat id stream is split into train (the first 95%) and validation (the last 5%), unless a separate
+validation source is given. A step's training sequences are random windows of seq_len + 1 tokens drawn from a
+generator seeded by (seed, step) only, so they do not depend on how the step is split into micro-batches or
+processes: batch 4 x accum 1 and batch 2 x accum 2 see the same four sequences, and two processes of batch 2
+see, micro-batch by micro-batch, what one process of batch 4 sees. Validation windows are evenly
+spaced and the same at every evaluation.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import uuid
+from collections.abc import Iterator
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from llama.errors import ConfigError
 
 BUILTIN = ("builtin:arith",)
 VAL_FRACTION = 0.05
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java",
+                 ".js", ".ts", ".html", ".css", ".tex", ".sh", ".toml", ".yaml", ".yml", ".json", ".csv")
+_CACHE_VERSION = "1"
 
 
-def arith_text(lines: int = 100_000, seed: int = 0) -> bytes:
+def arith_text(lines: int = 100_000, seed: int = 0) -> str:
     """Deterministic lines like '417+86=503\\n' (operands 0..999): learnable structure, no files needed."""
     rng = np.random.default_rng(seed)
     a, b = rng.integers(0, 1000, (2, lines)).tolist()
-    return "".join(f"{x}+{y}={x + y}\n" for x, y in zip(a, b)).encode()
+    return "".join(f"{x}+{y}={x + y}\n" for x, y in zip(a, b))
 
 
-def load_tokens(spec: str, vocab_size: int) -> tuple[np.ndarray, str]:
-    """The id stream [N] of `spec` (builtin:arith, a text file, a directory of .txt files, or a .npy of ids)
-    and a description of where it came from; checks every id fits `vocab_size`."""
-    if spec.startswith("builtin:"):
-        if spec not in BUILTIN:
-            raise ConfigError(f"unknown built-in data '{spec}'; expected one of {list(BUILTIN)}")
-        return _bytes(arith_text(), spec, vocab_size), f"{spec} (seed 0)"
-    path = os.path.abspath(spec)
-    if spec.endswith(".npy"):
-        if not os.path.isfile(path):
-            raise ConfigError(f"{spec}: data file not found (expected a .npy of token ids)")
-        return _npy(path, vocab_size), path
-    if os.path.isdir(path):
-        files = sorted(f for f in os.listdir(path) if f.endswith(".txt"))
-        if not files:
-            raise ConfigError(f"{spec}: no .txt files in the data directory")
-        data = b"".join(_read_text(os.path.join(path, f)) for f in files)
-        return _bytes(data, spec, vocab_size), f"{path} ({len(files)} .txt files, bytes)"
-    if not os.path.isfile(path):
-        raise ConfigError(f"{spec}: data file not found (expected a UTF-8 text file, a directory of .txt files, "
-                          f"a .npy of token ids, or {' / '.join(BUILTIN)})")
-    return _bytes(_read_text(path), spec, vocab_size), f"{path} (bytes)"
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "moekit", "tokens")
 
 
-def _read_text(path: str) -> bytes:
+# ---- documents ---------------------------------------------------------------------------------------------
+
+def _read_text(path: str) -> str:
     with open(path, "rb") as f:
         data = f.read()
     try:
-        data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); pass a .npy of token ids instead") from None
-    return data
 
 
-def _bytes(data: bytes, spec: str, vocab_size: int) -> np.ndarray:
-    if vocab_size < 256:
-        raise ConfigError(f"{spec}: byte-level data needs vocab_size >= 256; the model has {vocab_size}")
-    return np.frombuffer(data, dtype=np.uint8)
+def text_files(directory: str) -> list[str]:
+    """Regular files with a text suffix under `directory`, recursively, in a fixed order."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(root, f) for f in sorted(files)
+                  if f.endswith(TEXT_SUFFIXES) and os.path.isfile(os.path.join(root, f))]
+    return found
 
+
+class Documents:
+    """Where a source's documents come from: `key_parts()` (what the cache key hashes) and `texts()`."""
+
+    def __init__(self, spec: str, text_field: str):
+        self.spec, self.text_field = spec, text_field
+        path = os.path.abspath(spec)
+        if spec.startswith("builtin:"):
+            if spec not in BUILTIN:
+                raise ConfigError(f"unknown built-in data '{spec}'; expected one of {list(BUILTIN)}")
+            self.kind, self.files, self.description = "builtin", [], f"{spec} (seed 0)"
+        elif any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json", "dataset_dict.json")):
+            self.kind, self.files = "datasets", sorted(
+                os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.endswith((".arrow", ".json")))
+            self.description = f"{path} (datasets, field '{text_field}')"
+        elif os.path.isdir(path):
+            self.kind, self.files = "dir", text_files(path)
+            if not self.files:
+                raise ConfigError(f"{spec}: no text files in the data directory (looked for {', '.join(TEXT_SUFFIXES)})")
+            self.description = f"{path} ({len(self.files)} text files)"
+        elif os.path.isfile(path):
+            self.kind, self.files = ("jsonl" if path.endswith(".jsonl") else "text"), [path]
+            self.description = path + (f" (field '{text_field}')" if self.kind == "jsonl" else "")
+        else:
+            raise ConfigError(f"{spec}: data not found (expected a text file, a directory of text files, a .jsonl, a "
+                              f"datasets directory, a .npy of token ids, or {' / '.join(BUILTIN)})")
+
+    def key_parts(self) -> Iterator[bytes]:
+        yield f"{_CACHE_VERSION}|{self.kind}|{self.spec if self.kind == 'builtin' else ''}|{self.text_field}".encode()
+        for path in self.files:
+            with open(path, "rb") as f:
+                yield os.path.basename(path).encode() + hashlib.sha256(f.read()).digest()
+
+    def texts(self) -> Iterator[str]:
+        if self.kind == "builtin":
+            yield arith_text()
+        elif self.kind in ("text", "dir"):
+            for path in self.files:
+                yield _read_text(path)
+        elif self.kind == "jsonl":
+            yield from self._jsonl(self.files[0])
+        else:
+            yield from self._datasets()
+
+    def _jsonl(self, path: str) -> Iterator[str]:
+        with open(path, encoding="utf-8", errors="strict") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}: line {n} is not JSON ({e})") from None
+                text = row.get(self.text_field) if isinstance(row, dict) else None
+                if not isinstance(text, str):
+                    raise ConfigError(f"{path}: line {n} has no text field '{self.text_field}' (choose it with "
+                                      "--text-field)")
+                yield text
+
+    def _datasets(self) -> Iterator[str]:
+        try:
+            import datasets
+        except ImportError:
+            raise ConfigError(f"{self.spec} is a `datasets` directory; reading it needs the datasets package "
+                              "(pip install datasets)") from None
+        ds = datasets.load_from_disk(os.path.abspath(self.spec))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        if self.text_field not in ds.column_names:
+            raise ConfigError(f"{self.spec}: no column '{self.text_field}' (columns: {', '.join(ds.column_names)}); "
+                              "choose it with --text-field")
+        for row in ds:
+            yield row[self.text_field]
+
+
+# ---- token streams -----------------------------------------------------------------------------------------
 
 def _npy(path: str, vocab_size: int) -> np.ndarray:
     try:
@@ -80,26 +154,89 @@ def _npy(path: str, vocab_size: int) -> np.ndarray:
     return ids
 
 
-class TokenData:
-    """Train / validation windows of seq_len + 1 tokens from one id stream."""
+def load_tokens(spec: str, tokenizer, vocab_size: int, text_field: str = "text", cache_dir: str | None = None,
+                progress: bool = False, write_cache: bool = True) -> tuple[np.ndarray, str]:
+    """The id stream [N] of `spec` and a description of where it came from. Text is tokenised by `tokenizer`
+    (None: text data is an error naming --tokenizer) once, then read from the cache (a memmap)."""
+    if spec.endswith(".npy"):
+        path = os.path.abspath(spec)
+        if not os.path.isfile(path):
+            raise ConfigError(f"{spec}: data file not found (expected a .npy of token ids)")
+        return _npy(path, vocab_size), path
+    docs = Documents(spec, text_field)
+    if tokenizer is None:
+        raise ConfigError(f"{spec} is text, and the model has no tokenizer.json: pass --tokenizer PATH (a "
+                          "tokenizer.json or a directory holding one) or --tokenizer bytes")
+    h = hashlib.sha256(tokenizer.fingerprint.encode() + tokenizer.convention.encode())
+    for part in docs.key_parts():
+        h.update(part)
+    cache = os.path.join(cache_dir or default_cache_dir(), h.hexdigest()[:32] + ".npy")
+    description = f"{docs.description}, tokenizer {tokenizer.name}"
+    if os.path.isfile(cache):
+        return np.load(cache, mmap_mode="r"), description
+    if not write_cache:
+        raise ConfigError(f"{cache}: the tokenised data the main process should have written is missing")
+    ids = _tokenize(docs, tokenizer, progress)
+    if ids.size == 0:
+        raise ConfigError(f"{spec}: the data holds no tokens")
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.tmp-{uuid.uuid4().hex[:8]}.npy"
+    np.save(tmp, ids)
+    os.replace(tmp, cache)
+    return np.load(cache, mmap_mode="r"), description
 
-    def __init__(self, ids: np.ndarray, seq_len: int, seed: int = 0, source: str = ""):
+
+def _tokenize(docs: Documents, tokenizer, progress: bool) -> np.ndarray:
+    dtype = np.uint16 if tokenizer.num_ids <= 2**16 else np.uint32
+    chunks, batch = [], []
+    bar = tqdm(desc=f"tokenize {os.path.basename(docs.spec.rstrip('/'))}", unit="doc", disable=not progress,
+               leave=False)
+
+    def flush():
+        for ids in tokenizer.encode_documents(batch):
+            chunks.append(np.asarray(ids, dtype=dtype))
+        bar.update(len(batch))
+        batch.clear()
+
+    for text in docs.texts():
+        batch.append(text)
+        if len(batch) == 256:
+            flush()
+    flush()
+    bar.close()
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype)
+
+
+class TokenData:
+    """Train / validation windows of seq_len + 1 tokens from one id stream (or two: train and validation)."""
+
+    def __init__(self, ids: np.ndarray, seq_len: int, seed: int = 0, source: str = "",
+                 val_ids: np.ndarray | None = None):
         self.window, self.seed, self.source = seq_len + 1, seed, source
-        n = len(ids)
-        n_val = max(int(n * VAL_FRACTION), self.window)
-        if n - n_val < self.window:
-            raise ConfigError(f"{source or 'data'}: {n} tokens is too few for windows of seq_len + 1 = "
-                              f"{self.window} in both the train and the validation split (needs {2 * self.window})")
-        self.train, self.val = ids[:n - n_val], ids[n - n_val:]
+        if val_ids is None:
+            n = len(ids)
+            n_val = max(int(n * VAL_FRACTION), self.window)
+            if n - n_val < self.window:
+                raise ConfigError(f"{source or 'data'}: {n} tokens is too few for windows of seq_len + 1 = "
+                                  f"{self.window} in both the train and the validation split (needs {2 * self.window})")
+            ids, val_ids = ids[:n - n_val], ids[n - n_val:]
+        for name, part in (("training", ids), ("validation", val_ids)):
+            if len(part) < self.window:
+                raise ConfigError(f"{source or 'data'}: the {name} data has {len(part)} tokens, fewer than one window "
+                                  f"of seq_len + 1 = {self.window}")
+        self.train, self.val = ids, val_ids
 
     def _windows(self, ids: np.ndarray, starts: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.stack([np.asarray(ids[s:s + self.window], dtype=np.int64) for s in starts]))
 
-    def train_batch(self, step: int, n: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-        """This process's `n` training windows [n, seq_len + 1] of optimizer step `step`."""
+    def train_batch(self, step: int, batch_size: int, accum: int = 1, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """This process's training windows of optimizer step `step`: [accum * batch_size, seq_len + 1], its
+        micro-batch i being windows (i * world + rank) * batch_size ... + batch_size of the step's draw, so that
+        micro-batch i of all processes together is micro-batch i of one process with world x the batch size."""
         rng = np.random.default_rng([self.seed, step])
-        starts = rng.integers(0, len(self.train) - self.window + 1, n * world)
-        return self._windows(self.train, starts[rank * n:(rank + 1) * n])
+        starts = rng.integers(0, len(self.train) - self.window + 1, accum * world * batch_size)
+        mine = starts.reshape(accum, world, batch_size)[:, rank].reshape(-1)
+        return self._windows(self.train, mine)
 
     def val_batches(self, batches: int, batch_size: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
         """This process's validation windows, `batches` tensors [batch_size, seq_len + 1], evenly spaced."""

@@ -1,27 +1,60 @@
-"""The optimizer and its schedule: AdamW with weight decay on matrices only, linear warmup then cosine decay."""
+"""The optimizer and its schedule: AdamW with weight decay on matrices only (and the routers at their own
+learning rate), linear warmup then cosine decay, as a checkpointable LambdaLR."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .options import TrainOptions
+
+@dataclass
+class Schedule:
+    """Linear warmup from lr/(warmup+1) to `lr`, then cosine decay to lr * min_lr_ratio at the last step."""
+
+    lr: float
+    warmup: int
+    steps: int
+    min_lr_ratio: float = 0.1
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (0-based)."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / (self.warmup + 1)
+        progress = (step - self.warmup) / max(self.steps - 1 - self.warmup, 1)
+        min_lr = self.lr * self.min_lr_ratio
+        return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (self.lr - min_lr)
+
+    def describe(self) -> str:
+        end = self.lr * self.min_lr_ratio
+        return (f"lr {self.lr:.3g}: linear warmup over {self.warmup} steps, cosine to {end:.3g} at step "
+                f"{self.steps}")
 
 
-def lr_at(step: int, cfg: TrainOptions) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine down to lr * min_lr_ratio."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / (cfg.warmup + 1)
-    progress = (step - cfg.warmup) / max(cfg.steps - 1 - cfg.warmup, 1)
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - min_lr)
+def is_router(name: str) -> bool:
+    return name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight"))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainOptions) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and expert stacks (>= 2-D), none on norms and biases."""
-    params = [p for p in model.parameters() if p.requires_grad]  # buffers (router bias) are not parameters
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+def is_expert(name: str) -> bool:
+    """Routed and shared experts' weights, and the routers: what `--train experts` trains."""
+    return ".experts." in name or ".shared_expert" in name or is_router(name)
+
+
+def make_optimizer(model: nn.Module, schedule: Schedule, weight_decay: float, betas: tuple[float, float],
+                   router_lr_mult: float = 1.0, trainable: str = "all"):
+    """AdamW (decay on >= 2-D weights, none on norms and biases; routers at `router_lr_mult` x lr) and its
+    LambdaLR. `trainable` "experts" freezes everything but the experts and routers."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if trainable == "experts" and not is_expert(name):
+            p.requires_grad_(False)
+        if p.requires_grad:
+            groups.setdefault((p.dim() >= 2, is_router(name)), []).append(p)
+    params = [{"params": ps, "weight_decay": weight_decay if decay else 0.0,
+               "lr": schedule.lr * (router_lr_mult if router else 1.0)}
+              for (decay, router), ps in sorted(groups.items())]
+    optimizer = torch.optim.AdamW(params, lr=schedule.lr, betas=betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.lr_at(step) / schedule.lr)
+    return optimizer, scheduler

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from llama.errors import ConfigError
 from llama.options import MAX_SEED, check_options, option
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+SAVE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+TRAINABLE = ("all", "experts")
+BALANCE = ("micro", "global")
+REPORT_TO = ("none", "tensorboard", "trackio", "wandb", "all-installed")
+# From scratch (a preset): nanoGPT-like values that work for small models. Continuing a pretrained checkpoint:
+# its final learning rate (Llama 1/2 decay a 3e-4 peak to 10%: 3e-5; a moekit checkpoint records its own), a
+# short warm-up for the new router, as sparse upcycling continues at the dense model's final rate.
+SCRATCH = dict(lr=3e-3, warmup=20)
+CONTINUED = dict(lr=3e-5, warmup_fraction=0.05)
 
 
 @dataclass
@@ -15,36 +25,70 @@ class TrainOptions:
     """train a dense or MoE model (accelerate), write a checkpoint and metrics
 
     Train a dense Llama or MoE causal LM with accelerate (one CPU, or many processes under `accelerate launch -m
-    moe.train`): AdamW, warmup + cosine, gradient accumulation, router losses and the once-per-step router bias
-    update for MoE. Writes OUT (HF checkpoint, metrics.jsonl, train_config.json) atomically at the end."""
+    moe.train` or `torchrun -m moe.train`): AdamW, warmup + cosine, gradient accumulation, router losses and the
+    once-per-step router bias update for MoE. Text goes through the checkpoint's own tokenizer. Writes OUT (a
+    complete Hugging Face checkpoint with the source's tokenizer files, metrics.jsonl, train_config.json) when
+    training ends; a killed run continues with --resume."""
 
-    model: str = option("mini", "checkpoint directory (llama, mixtral, qwen2_moe) or preset (e.g. mini, tiny, "
-                        "tiny-moe; random init, seeded)", metavar="MODEL", positional=True)
+    model: str | None = option(None, "checkpoint directory (llama, mixtral, qwen2_moe) or preset (e.g. mini, tiny, "
+                               "tiny-moe; random init, seeded); omitted with --resume", metavar="MODEL",
+                               positional=True)
     out: str | None = option(None, "output directory (must not exist unless --force)", metavar="DIR",
                              required=True)  # None (Python only): write nothing
-    data: str = option("builtin:arith", "builtin:arith | UTF-8 text file or directory of .txt (as bytes, vocab >= "
-                       "256) | .npy of token ids", metavar="SRC")
+    data: str = option("builtin:arith", "builtin:arith | a text file | a directory of text files | .jsonl | a "
+                       "`datasets` directory (save_to_disk) | .npy of token ids", metavar="SRC")
+    val_data: str | None = option(None, "held-out validation data (same kinds as --data)", metavar="SRC",
+                                  default_text="the last 5% of --data")
+    tokenizer: str | None = option(None, "tokenizer.json, a directory holding one, or 'bytes'", metavar="TOK",
+                                   default_text="the checkpoint's own; bytes for presets")
+    text_field: str = option("text", ".jsonl / datasets: the field holding the text", metavar="NAME")
+    token_cache: str | None = option(None, "where tokenised data is cached (.npy memmaps keyed by tokenizer and "
+                                     "data hashes)", metavar="DIR", default_text="$XDG_CACHE_HOME/moekit/tokens")
     steps: int = option(200, "optimizer steps", metavar="N", min=1)
     batch_size: int = option(8, "sequences per micro-batch per process", metavar="B", min=1)
     seq_len: int = option(128, "tokens predicted per sequence (windows hold seq_len + 1)", metavar="S", min=1)
     grad_accum: int = option(1, "micro-batches per optimizer step", metavar="A", min=1)
-    lr: float = option(3e-3, "peak learning rate", metavar="LR", gt=0, max=1)
+    lr: float | None = option(None, "peak learning rate", metavar="LR", gt=0, max=1,
+                              default_text="3e-3 from a preset; from a checkpoint its final lr (3e-5 if unknown)")
     min_lr_ratio: float = option(0.1, "cosine floor as a fraction of lr", metavar="R", min=0, max=1)
-    warmup: int = option(20, "linear warmup steps", metavar="N", min=0)
+    warmup: int | None = option(None, "linear warmup steps", metavar="N", min=0,
+                                default_text="20 from a preset, 5% of --steps from a checkpoint")
     weight_decay: float = option(0.1, "AdamW decay on >= 2-D weights", metavar="WD", min=0, max=1)
     beta1: float = option(0.9, "AdamW beta1", metavar="B1", min=0, lt=1)
     beta2: float = option(0.95, "AdamW beta2", metavar="B2", min=0, lt=1)
     grad_clip: float = option(1.0, "max global grad norm, 0 = off", metavar="NORM", min=0)
     mixed_precision: str = option("no", "autocast dtype", choices=MIXED_PRECISION)
+    save_dtype: str = option("auto", "dtype of the written weights", choices=SAVE_DTYPES,
+                             default_text="auto: the source checkpoint's; fp32 for presets")
     seed: int = option(0, "seed for init, data and noise", metavar="N", min=0, max=MAX_SEED)
+    train: str = option("all", "MoE: train all weights, or only the experts and routers", choices=TRAINABLE)
+    router_lr_mult: float = option(1.0, "MoE: the routers' learning rate as a multiple of --lr", metavar="X", gt=0,
+                                   max=1000)
+    balance: str = option("micro", "MoE: load-balancing token fractions per micro-batch, or all-reduced over the "
+                          "processes (global)", choices=BALANCE)
+    aux_loss_coef: float | None = option(None, "MoE: load-balancing loss weight", metavar="C", min=0, max=100,
+                                         default_text="the config's router_aux_loss_coef")
+    z_loss_coef: float | None = option(None, "MoE: router z-loss weight", metavar="C", min=0, max=100,
+                                       default_text="the config's router_z_loss_coef")
+    router_bias_rate: float | None = option(None, "MoE: auxiliary-loss-free bias step per optimizer step",
+                                            metavar="RATE", min=0, max=1, default_text="the config's")
     log_every: int = option(10, "steps between metric lines", metavar="N", min=1)
     eval_every: int = option(50, "steps between validation losses, 0 = start and end only", metavar="N", min=0)
     eval_batches: int = option(4, "validation batches per evaluation", metavar="N", min=1)
-    save_every: int = option(0, "intermediate checkpoints OUT/step-N every N steps, 0 = none", metavar="N", min=0)
-    router_bias_rate: float | None = option(None, "MoE: auxiliary-loss-free bias step per optimizer step",
-                                            metavar="RATE", min=0, default_text="the config's")
-    force: bool = option(False, "replace OUT if it exists")
+    save_every: int = option(0, "every N steps: a checkpoint OUT/step-N and the training state for --resume, "
+                             "0 = none", metavar="N", min=0)
+    keep_last: int = option(2, "training states kept for --resume", metavar="K", min=1)
+    peak_flops: float | None = option(None, "peak FLOP/s of one device, for MFU", metavar="FLOPS", gt=0,
+                                      default_text="known GPUs by name; n/a on CPU")
+    report_to: str = option("none", "also log metrics to these trackers (only those installed)", choices=REPORT_TO)
+    resume: bool = option(False, "continue the interrupted run in OUT.partial (its options are read back)")
+    force: bool = option(False, "replace OUT (and an interrupted run in OUT.partial) if it exists")
     progress: bool = option(True, "no progress bar")
+
+    # Options a resumed run may change: they do not alter the computation.
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset(
+        {"out", "resume", "force", "progress", "log_every", "eval_every", "save_every", "keep_last", "report_to",
+         "token_cache", "peak_flops"})
 
     def __post_init__(self):
         self.validate()
@@ -53,3 +97,7 @@ class TrainOptions:
         check_options(self)
         if self.out is not None and not self.out.strip():
             raise ConfigError("--out is empty; expected a directory name")
+        if self.model is None and not self.resume:
+            raise ConfigError("MODEL is required (a checkpoint directory or a preset), unless --resume")
+        if self.resume and not self.out:
+            raise ConfigError("--resume needs --out: the run to continue is OUT.partial")

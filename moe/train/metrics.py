@@ -1,0 +1,144 @@
+"""What a run reports every --log-every steps: losses, perplexity, learning rate, gradient norm, throughput, MFU,
+peak memory and, per MoE layer, how the experts are used.
+
+Everything accumulates in device tensors between log lines (`Interval.add`), so the loop synchronises with the
+host only when it logs. Per MoE layer (lists, one entry per MoE layer in layer order):
+
+    aux_loss        the load-balancing loss of the layer alone (unscaled; 1 = balanced, E = all on one expert)
+    z_loss          the router z-loss of the layer alone (unscaled)
+    expert_fraction the fraction of the interval's token copies each expert received (sums to 1 per layer)
+    max_load        max / mean of those counts (1 = perfectly balanced, E = everything on one expert)
+    dead_experts    experts that received no token in the whole interval
+    entropy         mean entropy of the routing distribution per token, nats (log E = uniform, 0 = collapsed)
+    dropped         token copies dropped by the capacity limit
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moe.accounting import Plan, count_params, derive
+
+# Dense peak FLOP/s of one device by name (NVIDIA data sheets, SXM parts, without sparsity): (16-bit tensor, fp32).
+PEAK_FLOPS = {
+    "H200": (989e12, 67e12), "H100": (989e12, 67e12), "H800": (989e12, 67e12), "A100": (312e12, 19.5e12),
+    "A800": (312e12, 19.5e12), "L40S": (362e12, 91.6e12), "L4": (121e12, 30.3e12), "A10": (125e12, 31.2e12),
+    "RTX 4090": (165e12, 82.6e12), "V100": (125e12, 15.7e12),
+}
+
+
+def device_peak_flops(device: torch.device, mixed_precision: str) -> float | None:
+    """The peak FLOP/s of a known GPU at this precision; None on CPU or an unknown device."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, full) in PEAK_FLOPS.items():
+        if key in name:
+            return half if mixed_precision in ("bf16", "fp16") else full
+    return None
+
+
+def train_flops_per_token(model, seq_len: int) -> float:
+    """Forward + backward FLOPs per token (3 x forward: 2 per active matmul weight, plus attention over the
+    sequence), from `moekit params`' own accounting of the model."""
+    report = derive(count_params(model), Plan(seq_len=seq_len))
+    return 3 * report.figure("forward_flops_per_token").value
+
+
+class Interval:
+    """Sums of device tensors since the last log line."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach()
+        self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+
+    def add_routing(self, stats, weight: float) -> None:
+        """One micro-batch's RouterStats, weighted as a share of its step."""
+        self.add("layer_aux_loss", stats.aux_loss.float() * weight)
+        self.add("layer_z_loss", stats.z_loss.float() * weight)
+        self.add("layer_entropy", stats.entropy.float() * weight)
+        self.add("counts", stats.tokens_per_expert)
+        self.add("dropped", stats.dropped)
+
+    def state(self) -> dict:
+        """The sums as JSON (saved with the training state, so a resumed run logs exactly what it would have)."""
+        return {"steps": self.steps, "sums": {k: {"dtype": str(v.dtype).removeprefix("torch."), "value": v.tolist()}
+                                              for k, v in self.sums.items()}}
+
+    def load(self, state: dict, device) -> None:
+        self.steps = state["steps"]
+        self.sums = {k: torch.tensor(v["value"], dtype=getattr(torch, v["dtype"]), device=device)
+                     for k, v in state["sums"].items()}
+
+    def report(self, reduce_mean, reduce_sum) -> dict:
+        """Means over the interval's steps (all processes) as Python numbers: the host sync of a log step."""
+        n, out = max(self.steps, 1), {}
+        for name, v in self.sums.items():
+            if name in ("counts", "dropped"):
+                out[name] = reduce_sum(v)
+            else:
+                out[name] = reduce_mean(v / n)
+        values = {k: v.tolist() for k, v in out.items()}
+        self.sums, self.steps = {}, 0
+        return values
+
+
+def routing_entry(values: dict) -> dict:
+    """The per-layer MoE fields of a metrics line from an interval's reduced values."""
+    counts = torch.tensor(values["counts"], dtype=torch.float64)  # [L_moe, E]
+    total = counts.sum(-1, keepdim=True).clamp(min=1)
+    r = lambda xs: [round(x, 5) for x in xs]  # noqa: E731
+    return {"layer_aux_loss": r(values["layer_aux_loss"]), "layer_z_loss": r(values["layer_z_loss"]),
+            "expert_fraction": [r(row) for row in (counts / total).tolist()],
+            "max_load": r((counts.max(-1).values / counts.mean(-1).clamp(min=1e-9)).tolist()),
+            "dead_experts": (counts == 0).sum(-1).tolist(), "entropy": r(values["layer_entropy"]),
+            "dropped": [int(d) for d in values["dropped"]]}
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None, processes: int) -> float | None:
+    """Model FLOPs utilisation: achieved training FLOP/s over the devices' peak (None without a peak)."""
+    return None if not peak else flops_per_token * tokens_per_s / (peak * processes)
+
+
+def flat_scalars(entry: dict) -> dict:
+    """A metrics line as tracker scalars: lists become one scalar per layer (and expert)."""
+    out = {}
+    for k, v in entry.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                if isinstance(x, list):
+                    out.update({f"{k}/layer{i}/expert{e}": y for e, y in enumerate(x)})
+                elif isinstance(x, (int, float)):
+                    out[f"{k}/layer{i}"] = x
+    return out
+
+
+TRACKERS = ("tensorboard", "trackio", "wandb")
+
+
+def trackers(report_to: str) -> list[str]:
+    """The accelerate trackers to log to: those named (an error if not installed), or every installed one."""
+    import importlib.util
+
+    from llama.errors import ConfigError
+
+    installed = [t for t in TRACKERS if importlib.util.find_spec(t) is not None]
+    if report_to == "none":
+        return []
+    if report_to == "all-installed":
+        return installed
+    if report_to not in installed:
+        raise ConfigError(f"--report-to {report_to}: the {report_to} package is not installed (pip install {report_to})")
+    return [report_to]

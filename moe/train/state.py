@@ -1,0 +1,170 @@
+"""Where a run lives until it finishes, and how it resumes.
+
+A run works in ``OUT.partial/`` (locked while a process works in it), then renames it to OUT when training ends,
+so OUT is only ever a finished run:
+
+    OUT.partial/train_config.json   the options, written when the run starts (resume reads them back)
+    OUT.partial/metrics.jsonl       one line per log step, growing
+    OUT.partial/step-NNNNNN/        --save-every: a complete Hugging Face checkpoint (kept in OUT)
+    OUT.partial/state/step-NNNNNN/  --save-every: accelerate's training state (model, optimizer, schedule, RNG
+                                    states, step), written atomically, the last --keep-last kept; removed at the end
+
+A killed run leaves OUT.partial behind; `--resume` continues from its last state with the options it started
+with. A new run refuses to start over an interrupted one unless --force.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+
+from llama.errors import CheckpointError, ConfigError
+from llama.io import check_path, locked_dir, publish, read_json, try_lock, write_json
+
+from .options import TrainOptions
+
+STATE = re.compile(r"step-(\d{6,})")
+
+
+class WorkDir:
+    """OUT.partial of one run (the main process holds its lock; other processes only read and write in it)."""
+
+    def __init__(self, out: str, main: bool):
+        self.out = check_path(out, "--out")
+        self.path = self.out + ".partial"
+        self.main, self._lock = main, None
+
+    # ---- opening ----------------------------------------------------------------------------------------------
+    def check_new(self, force: bool) -> None:
+        """Before any work: refuse an existing OUT or an interrupted run unless `force`."""
+        if os.path.lexists(self.out) and not force:
+            raise CheckpointError(f"{self.out} already exists; pass --force to overwrite it")
+        if os.path.lexists(self.path) and not force:
+            last = self.last_state()
+            where = f" (last saved state: step {last[0]})" if last else ""
+            raise CheckpointError(f"{self.path} holds an interrupted run{where}; pass --resume to continue it or "
+                                  "--force to start over")
+
+    def create(self) -> None:
+        """Make a fresh, locked OUT.partial (replacing an interrupted run's, which `check_new` allowed)."""
+        if not self.main:
+            return
+        if os.path.lexists(self.path):
+            self._take_lock()
+            shutil.rmtree(self.path)
+            os.close(self._lock)
+        os.makedirs(os.path.dirname(self.out), exist_ok=True)
+        self._lock = locked_dir(self.path)
+
+    def reopen(self) -> None:
+        """Take over an interrupted run's OUT.partial for --resume."""
+        if not os.path.isdir(self.path):
+            finished = " (OUT is a finished run: nothing to resume)" if os.path.isdir(self.out) else ""
+            raise CheckpointError(f"{self.path}: no interrupted run to resume{finished}")
+        if not os.path.isfile(os.path.join(self.path, "train_config.json")):
+            raise CheckpointError(f"{self.path}: no train_config.json; not a moekit training run")
+        if self.main:
+            self._take_lock()
+
+    def _take_lock(self) -> None:
+        self._lock = try_lock(self.path)
+        if self._lock is None:
+            raise CheckpointError(f"{self.path}: another run is working in it (its lock is held)")
+
+    # ---- resuming ---------------------------------------------------------------------------------------------
+    def resumed_options(self, given: TrainOptions, explicit: set[str] | None) -> TrainOptions:
+        """The interrupted run's options, with those a resumed run may change taken from `given`. A computation
+        option given with another value than the run's is an error (`explicit`: the options the user typed;
+        None: those differing from their defaults)."""
+        saved = read_json(os.path.join(self.path, "train_config.json"), "train_config.json").get("options")
+        fields = {f.name: f for f in dataclasses.fields(TrainOptions)}
+        if not isinstance(saved, dict) or not set(saved) <= set(fields):
+            raise CheckpointError(f"{self.path}/train_config.json: no options of this moekit's trainer")
+        if explicit is None:
+            explicit = {n for n, f in fields.items() if getattr(given, n) != f.default}
+        for name in sorted(explicit - TrainOptions.RESUMABLE):
+            if name in saved and getattr(given, name) != saved[name]:
+                shown = f"--{name.replace('_', '-')}" if name != "model" else "MODEL"
+                raise ConfigError(f"{shown} {getattr(given, name)!r} differs from the interrupted run's "
+                                  f"{saved[name]!r}; a resumed run keeps its options ({self.path}/train_config.json)")
+        merged = {**saved, **{n: getattr(given, n) for n in TrainOptions.RESUMABLE & explicit}, "resume": True,
+                  "out": given.out}
+        return TrainOptions(**merged)
+
+    def last_state(self) -> tuple[int, str] | None:
+        """(step, directory) of the newest complete training state, or None."""
+        root = os.path.join(self.path, "state")
+        steps = sorted((int(m[1]), os.path.join(root, name)) for name in (os.listdir(root) if os.path.isdir(root)
+                       else ()) if (m := STATE.fullmatch(name)))
+        return steps[-1] if steps else None
+
+    def truncate_metrics(self, step: int) -> list[dict]:
+        """Drop metric lines after `step` (logged after the state the run resumes from); return those kept."""
+        path = os.path.join(self.path, "metrics.jsonl")
+        kept = []
+        if os.path.isfile(path):
+            with open(path) as f:
+                kept = [e for e in (json.loads(line) for line in f if line.strip()) if e.get("step", 0) <= step]
+        if self.main:
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps(e) + "\n" for e in kept)
+            os.replace(path + ".tmp", path)
+        return kept
+
+    # ---- during the run ---------------------------------------------------------------------------------------
+    def write_options(self, options: TrainOptions, extra: dict) -> None:
+        if self.main:
+            write_json(os.path.join(self.path, "train_config.json"), {"options": dataclasses.asdict(options), **extra})
+
+    def append_metrics(self, entry: dict) -> None:
+        if self.main:
+            with open(os.path.join(self.path, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def save_state(self, accelerator, step: int, keep_last: int, progress: dict) -> None:
+        """accelerate's save_state (model, optimizer, RNG states; all processes take part) and `progress` (step,
+        schedule, metric sums: JSON, no pickle) into state/step-N, atomically; keep the last `keep_last`."""
+        final = os.path.join(self.path, "state", f"step-{step:06d}")
+        tmp = final + ".tmp"
+        accelerator.wait_for_everyone()
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()
+        if self.main:
+            write_json(os.path.join(tmp, "progress.json"), progress)
+            os.replace(tmp, final)
+            states = sorted(n for n in os.listdir(os.path.dirname(final)) if STATE.fullmatch(n))
+            for name in states[:-keep_last]:
+                shutil.rmtree(os.path.join(os.path.dirname(final), name), ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    # ---- the end ----------------------------------------------------------------------------------------------
+    def finish(self, force: bool) -> None:
+        """Remove the training states and publish OUT.partial as OUT."""
+        if not self.main:
+            return
+        shutil.rmtree(os.path.join(self.path, "state"), ignore_errors=True)
+        try:
+            publish(self.path, self.out, force)
+        finally:
+            self.release()
+
+    def abandon(self) -> bool:
+        """After a failure: keep OUT.partial when it holds a state to resume from (True), else remove it."""
+        if not self.main or self._lock is None:
+            return False
+        keep = self.last_state() is not None
+        if not keep:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.release()
+        return keep
+
+    def release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None

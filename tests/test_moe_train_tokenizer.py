@@ -1,0 +1,82 @@
+"""moe.train.tokenizer: text goes through the checkpoint's own tokenizer (exactly `tokenizer.encode` of the text,
+documents joined by its convention), another one, or bytes; never a silent byte fall-back."""
+
+import json
+
+import numpy as np
+import pytest
+
+from llama.model import Llama
+from moe.train import TrainOptions, train
+from moe.train.data import load_tokens
+from moe.train.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+
+from helpers import bpe_tokenizer, corpus, one_line_error, tiny_checkpoint
+
+
+@pytest.mark.parametrize("bos", [True, False], ids=["bos-convention", "eos-convention"])
+def test_documents_are_joined_by_the_tokenizers_convention(tmp_path, bos):
+    tok = bpe_tokenizer(tmp_path / "tok", bos=bos)
+    ours = load_tokenizer(str(tmp_path / "tok"), None)
+    assert isinstance(ours, HFTokenizer) and (ours.bos_id, ours.eos_id) == (0, 1)
+    assert ours.convention == ("bos" if bos else "eos")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    texts = corpus(2)
+    for i, t in enumerate(texts):
+        (docs / f"{i}.py").write_text(t)
+    ids, where = load_tokens(str(docs), ours, vocab_size=320, cache_dir=str(tmp_path / "cache"))
+    plain = [tok.encode(t, add_special_tokens=False).ids for t in texts]
+    want = [0, *plain[0], 0, *plain[1]] if bos else [*plain[0], 1, *plain[1], 1]
+    assert ids.tolist() == want and "2 text files" in where
+
+
+def test_the_model_sees_exactly_the_tokenizers_ids(tmp_path, monkeypatch):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    text = corpus(1)[0]
+    (tmp_path / "data.txt").write_text(text)
+    stream = [0, *HFTokenizer(str(ckpt / "tokenizer.json")).tok.encode(text, add_special_tokens=False).ids]
+    seen = []
+    forward = Llama.forward
+
+    def spy(self, input_ids, *a, **kw):
+        seen.extend(input_ids.tolist())
+        return forward(self, input_ids, *a, **kw)
+
+    monkeypatch.setattr(Llama, "forward", spy)
+    train(TrainOptions(model=str(ckpt), data=str(tmp_path / "data.txt"), steps=2, batch_size=2, seq_len=16,
+                       eval_batches=1, progress=False), log=None)
+    joined = ",".join(map(str, stream))
+    assert len(seen) > 4 and all(",".join(map(str, w)) in joined for w in seen)  # every window is a slice of it
+
+
+def test_bytes_and_presets(tmp_path):
+    assert load_tokenizer("bytes", None).encode("hé") == [104, 195, 169]
+    assert isinstance(load_tokenizer("bytes", str(tmp_path)), ByteTokenizer)
+    assert load_tokenizer(None, None) is None  # a preset: the trainer chooses bytes
+
+
+def test_text_for_a_checkpoint_without_a_tokenizer_is_refused(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", tokenizer=False)
+    (tmp_path / "d.txt").write_text("some text " * 100)
+    err = one_line_error(capsys, "train", ckpt, "--out", tmp_path / "out", "--data", tmp_path / "d.txt")
+    assert "has no tokenizer.json: pass --tokenizer PATH" in err and not (tmp_path / "out.partial").exists()
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", vocab_size=200, tokenizer=False)
+    bpe_tokenizer(tmp_path / "big", vocab_size=320)
+    err = one_line_error(capsys, "train", ckpt, "--out", tmp_path / "out", "--tokenizer", tmp_path / "big")
+    assert "has ids up to 319; the model's vocab_size is 200" in err
+
+
+def test_another_tokenizer_goes_into_the_output(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", tokenizer=False)
+    bpe_tokenizer(tmp_path / "tok")
+    (tmp_path / "d.txt").write_text(corpus(1)[0])
+    train(TrainOptions(model=str(ckpt), out=str(tmp_path / "out"), data=str(tmp_path / "d.txt"),
+                       tokenizer=str(tmp_path / "tok" / "tokenizer.json"), steps=1, batch_size=2, seq_len=16,
+                       eval_batches=1, progress=False), log=None)
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tmp_path / "tok" / "tokenizer.json").read_bytes()
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
+    assert np.isfinite(json.loads((tmp_path / "out" / "train_config.json").read_text())["val_loss"])
