@@ -110,3 +110,81 @@ def tiny_checkpoint(path, vocab_size: int = 320, dtype=None, tokenizer: bool = T
     if tokenizer:
         bpe_tokenizer(path, vocab_size, bos)
     return path
+
+
+class Reference:
+    """transformers' own count of a causal LM built from a config on the meta device (no memory, no init),
+    walked independently of moe.accounting.
+
+    raw: transformers' count of trainable parameters (tied ones once); total: the same with each experts
+    tensor counted for its real experts only (LongCat allocates rows for its zero-computation experts too).
+    buffers: routing-score correction biases, whether stored as buffers or as frozen parameters.
+    active: every trainable parameter in full, except the stacked [E', ...] (2-D or more) tensors of a module
+    named `experts` or of a class named *Experts, which count per-expert size × real_experts × k / choices
+    (E' the leading dim; real_experts and choices E' unless given; k may be a list, one per layer).
+    Skips the test when the installed transformers lacks the model type."""
+
+    def __init__(self, model_type: str, k, real_experts: int | None = None, choices: int | None = None, **config):
+        import re
+
+        import pytest
+        import transformers
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if model_type not in CONFIG_MAPPING_NAMES:
+            pytest.skip(f"transformers {transformers.__version__} has no model_type {model_type!r}")
+        self.config = transformers.AutoConfig.for_model(model_type, **config)
+        with torch.device("meta"):
+            self.model = transformers.AutoModelForCausalLM.from_config(self.config)
+        self.raw = self.total = self.active = self.buffers = 0
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                self.buffers += p.numel()
+                continue
+            self.raw += p.numel()
+            module = name.rpartition(".")[0]
+            experts = module.rpartition(".")[2] == "experts" or type(
+                self.model.get_submodule(module)).__name__.endswith("Experts")
+            if not experts or p.ndim == 1:  # a 1-D tensor serves the whole layer (JetMoE's output bias)
+                self.total += p.numel()
+                self.active += p.numel()
+                continue
+            per_expert, E = p.numel() // p.shape[0], real_experts or p.shape[0]
+            k_layer = k[int(re.search(r"layers\.(\d+)\.", name).group(1))] if isinstance(k, list) else k
+            self.total += per_expert * E
+            self.active += per_expert * E * k_layer / (choices or p.shape[0])
+        self.active = round(self.active)
+        self.buffers += sum(b.numel() for n, b in self.model.named_buffers()
+                            if n.endswith(("e_score_correction_bias", "expert_bias")))
+
+
+def formula_vs_transformers(model_type: str, k, walk: dict | None = None, **config):
+    """count_config of `config` as config.json holds it (model_type added) and as transformers completes it
+    (derived fields such as layer_types filled in) both equal the `Reference` count: total, active and buffers.
+    Returns (count, reference)."""
+    from moe.accounting import count_config
+
+    ref = Reference(model_type, k, **(walk or {}), **config)
+    for cfg in (dict(config, model_type=model_type), ref.config.to_dict()):
+        c = count_config(cfg)
+        assert (c.total_params, c.active_params, sum(c.buffers.values())) == (ref.total, ref.active, ref.buffers)
+    return c, ref
+
+
+def near_published(n: int, printed: float | int) -> bool:
+    """`n` parameters within the last printed digit of a publisher's figure in billions (17 → 17B ± 1B,
+    5.13 → ± 0.01B): publishers round or truncate."""
+    decimals = len(repr(float(printed)).split(".")[1].rstrip("0")) if not float(printed).is_integer() else 0
+    return abs(n / 1e9 - printed) < 10.0 ** -decimals
+
+
+def check_released(count, total: int, active: int, published: tuple | None = None) -> None:
+    """`count` has the exact (total, active) and, where given, is near the publisher's figures: published is
+    (total, active, components left out of active, components left out of total): embeddings and the LM head
+    are what publishers differ on."""
+    assert (count.total_params, count.active_params) == (total, active)
+    if published:
+        pub_total, pub_active, active_out, *total_out = published
+        t = count.total_params - sum(count.total[c] for c in (total_out[0] if total_out else ()))
+        a = count.active_params - sum(count.active[c] for c in active_out)
+        assert near_published(t, pub_total) and near_published(a, pub_active), (t, pub_total, a, pub_active)

@@ -297,3 +297,17 @@ def test_error_unknown_model_type_and_target(tmp_path, capsys):
     assert "mfu must be in (0, 1]" in one_line_error(capsys, "params", "7B", "--mfu", "1.5")
 
 
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"model_type": ["llama"]}, "field 'model_type' must be a string"),
+    ({**MIXTRAL_8X7B, "num_hidden_layers": 10**12}, "is 1,000,000,000,000; moekit counts models of at most 100,000"),
+    ({"model_type": "dbrx", "vocab_size": 100, "d_model": 64, "n_layers": 2, "n_heads": 4, "ffn_config": [1, 2]},
+     "ffn_config: expected a JSON object, got list"),
+    ({**MIXTRAL_8X7B, "hidden_size": 1e400}, "field 'hidden_size' must be a positive integer, got inf"),
+    ({"model_type": "llava", "text_config": {"model_type": {"a": 1}}}, "model_type 'llava' is not supported"),
+])
+def test_hostile_configs_are_one_line_and_quick(tmp_path, capsys, config, words):
+    (tmp_path / "config.json").write_text(json.dumps(config).replace("Infinity", "1e400"))
+    err = one_line_error(capsys, "params", tmp_path / "config.json")
+    assert words in err, err

@@ -1,6 +1,8 @@
 """Accounting: exact total and active-per-token parameters by component, and what they cost.
 
-    formulas  one exact formula per Hugging Face model_type, from config.json dicts (no torch)
+    formulas  one exact formula per Hugging Face model_type, from config.json dicts (no torch); the families in
+              formulas_moe (GQA MoE), formulas_gqa (more GQA MoE), formulas_mla (DeepSeek family),
+              formulas_hybrid (Mamba / linear-attention hybrids), built from the pieces in blocks
     sources   what can be counted: presets, config.json files, checkpoint directories (safetensors headers
               only), live modules (MoE-aware by duck typing), bare counts such as 7B
     cost      FLOPs per token, training FLOPs, weight / KV-cache / training memory, time and price (`Plan`)

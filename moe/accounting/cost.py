@@ -89,13 +89,13 @@ def derive(count: ParamCount, plan: Plan) -> Report:
     plan.check()
     r, b, a = Report(count, plan), DTYPE_BYTES[plan.dtype], count.arch
     P, Nmm = count.total_params, count.matmul_active_params
-    ctx = min(plan.seq_len, a.sliding_window) if a and a.sliding_window else plan.seq_len
-    attn = 2 * a.num_hidden_layers * ctx * a.num_attention_heads * (a.qk_head_dim + a.v_head_dim) if a else 0
+    ctx, layers, terms = _context(a, plan.seq_len) if a else (plan.seq_len, 0, "")
+    attn = 2 * layers * a.num_attention_heads * (a.qk_head_dim + a.v_head_dim) if a else 0
     fwd = 2 * Nmm + attn
     if a:
         r.figures.append(Figure("forward_flops_per_token", "forward FLOPs per token", fwd, "flops",
                                 "2 × N_matmul + 2 × layers × context × heads × (d_qk + d_v)",
-                                f"2 × {Nmm:,} + 2 × {a.num_hidden_layers} × {ctx} × {a.num_attention_heads} × "
+                                f"2 × {Nmm:,} + 2 × {terms} × {a.num_attention_heads} × "
                                 f"({a.qk_head_dim} + {a.v_head_dim})"))
     else:
         r.figures.append(Figure("forward_flops_per_token", "forward FLOPs per token", fwd, "flops",
@@ -111,13 +111,27 @@ def derive(count: ParamCount, plan: Plan) -> Report:
     r.figures.append(Figure("weight_memory_bytes", f"weight memory ({plan.dtype})", P * b, "bytes",
                             "total_params × bytes_per_param", f"{P:,} × {b}"))
     if a:
-        kv = plan.batch * ctx * a.num_hidden_layers * a.kv_cache_dim * b
+        kv = plan.batch * layers * a.kv_cache_dim * b
         r.figures.append(Figure("kv_cache_bytes", f"KV cache (batch {plan.batch} × {ctx} tokens)", kv, "bytes",
-                                "batch × context × layers × cached_per_token_per_layer × bytes",
-                                f"{plan.batch} × {ctx} × {a.num_hidden_layers} × {a.kv_cache_dim} × {b}"))
+                                "batch × layers × context × cached_per_token_per_layer × bytes",
+                                f"{plan.batch} × {terms} × {a.kv_cache_dim} × {b}"))
     r.figures.append(_train_memory(P, b, plan))
     _time_and_cost(r)
     return r
+
+
+def _context(a, seq_len: int) -> tuple[int, int, str]:
+    """(longest context, Σ over attention layers of the context each attends over, that sum written out).
+    Only softmax-attention layers count (a hybrid's Mamba or linear-attention layers keep a fixed-size
+    state); a sliding window caps the context of the layers that use it."""
+    L = a.num_hidden_layers if a.attention_layers is None else a.attention_layers
+    if not a.sliding_window:
+        return seq_len, L * seq_len, f"{L} × {seq_len}"
+    win = min(seq_len, a.sliding_window)
+    Ls = L if a.sliding_layers is None else a.sliding_layers
+    if Ls == L:
+        return win, L * win, f"{L} × {win}"
+    return seq_len, (L - Ls) * seq_len + Ls * win, f"({L - Ls} × {seq_len} + {Ls} × {win})"
 
 
 def _train_memory(P: int, b: float, plan: Plan) -> Figure:

@@ -23,16 +23,41 @@ def _b(n: int) -> str:
 
 def conventions(count: ParamCount) -> list[str]:
     a = count.arch
-    if a and a.num_experts:
+    if a and a.num_experts and a.zero_experts:
+        E, k, Z = a.num_experts, a.num_experts_per_tok, a.zero_experts
+        routed = (f"the router picks k = {k} of {E} experts + {Z} zero-computation (identity) experts, so "
+                  f"routed experts count k/(E + Z) = {k}/{E + Z} (k·E/(E + Z) = {k * E / (E + Z):g} real experts "
+                  "per token on average); everything else in full")
+    elif a and a.num_experts:
         routed = f"routed experts count k/E = {a.num_experts_per_tok}/{a.num_experts}; everything else in full"
     else:
         routed = ("routed experts count k/E, everything else in full" if count.total.get("routed_experts")
                   else "every parameter (no routed experts)")
-    return ["embeddings and the LM head are counted, and shown separately (some publishers exclude them)",
-            "tied weights are counted once (under embedding)",
-            f"active = used per token: {routed}",
-            "FLOPs: multiply-add = 2; attention over the full context; training = 3 × forward",
+    out = ["embeddings and the LM head are counted, and shown separately (some publishers exclude them)",
+           "tied weights are counted once (under embedding)",
+           f"active = used per token: {routed}"]
+    if count.total.get("shared_experts"):
+        out.append("shared experts are active for every token (counted in full)")
+    if a and a.zero_experts:
+        lo = count.active_params - count.active["routed_experts"]
+        hi = lo + count.total["routed_experts"] * a.num_experts_per_tok // a.num_experts
+        out.append(f"per token the active count ranges from {lo:,} (all k picks zero-computation) to {hi:,} "
+                   "(all k real)")
+    if count.buffers:
+        kinds = ", ".join(f"{name} {n:,}" for name, n in count.buffers.items())
+        out.append(f"buffers are stored state, not trained parameters, and not in the totals ({kinds}: the "
+                   "routing-score correction bias, updated by load balancing, whether stored as a buffer or a "
+                   "frozen parameter)")
+    if a and a.attention_layers is not None and a.attention_layers < a.num_hidden_layers:
+        out.append(f"'attention' includes the linear-time mixers (Mamba, linear / delta-net attention); only the "
+                   f"{a.attention_layers} softmax-attention layers have a KV cache and context-length FLOPs")
+    window = ""
+    if a and a.sliding_window:
+        n = a.sliding_layers if a.sliding_layers is not None else "all"
+        window = f" (capped at the {a.sliding_window}-token sliding window in {n} attention layers)"
+    out += [f"FLOPs: multiply-add = 2; attention over the full context{window}; training = 3 × forward",
             "training memory: weights + gradients + AdamW m, v + fp32 master copy; no activations; GB = 10^9 bytes"]
+    return out
 
 
 def render_table(report: Report, explain: bool = False) -> str:
@@ -68,7 +93,7 @@ def as_json(report: Report, explain: bool = False) -> dict:
     out = {"target": c.target, "source": c.source, "model_type": c.model_type,
            "total_params": c.total_params, "active_params": c.active_params,
            "components": {k: {"total": c.total.get(k, 0), "active": c.active.get(k, 0)} for k in COMPONENTS},
-           "tied_embeddings": c.tied, "conventions": conventions(c), "notes": c.notes,
+           "tied_embeddings": c.tied, "buffers": c.buffers, "conventions": conventions(c), "notes": c.notes,
            "plan": {k: v for k, v in vars(report.plan).items()},
            "derived": {f.key: f.value for f in report.figures}}
     if c.arch:

@@ -9,7 +9,9 @@ a config.json, a checkpoint directory (safetensors headers only, never tensor da
 
 Components: embedding, attention, dense_ffn, routed_experts, shared_experts, router, norm, lm_head, other.
 Active: routed experts count k/E (per layer: k of its E experts), everything else in full. Tied weights count
-once (under embedding). Buffers (rotary inv_freq, DeepSeek-V3's e_score_correction_bias) are not parameters.
+once (under embedding). Derived buffers (rotary inv_freq) are not counted; routing-score correction biases
+(e_score_correction_bias, expert_bias) are reported as buffers, apart from the parameters, whether a model
+stores them as buffers or as frozen parameters.
 Derived figures (FLOPs, memory, time, cost) are in moe.accounting.cost.
 """
 
@@ -36,11 +38,16 @@ from .formulas import (
     count_config,
 )
 
-_BUFFERS = {"inv_freq", "original_inv_freq", "e_score_correction_bias"}  # stored state, not parameters
-_EMBED = {"embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in"}
-_ATTN = {"self_attn", "attn", "attention", "self_attention"}
-_FFN = {"mlp", "feed_forward", "ffn", "block_sparse_moe"}
+ROUTING_BIASES = {"e_score_correction_bias", "expert_bias"}  # load-balancing state: reported as buffers
+_BUFFERS = {"inv_freq", "original_inv_freq", *ROUTING_BIASES}  # stored state, not parameters
+_EMBED = {"embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in", "embeddings"}
+_ATTN = {"self_attn", "attn", "attention", "self_attention", "mamba", "mixer", "linear_attn"}  # token mixers
+_FFN = {"mlp", "mlps", "feed_forward", "ffn", "block_sparse_moe"}
 _EXPERT_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)\..*?\bexperts\.(\d+)\.")
+# what configs call the expert count and top-k (transformers' field names and their aliases)
+EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "moe_top_k",
+                "top_k_experts")
 
 
 def classify(name: str) -> str | None:
@@ -56,12 +63,12 @@ def classify(name: str) -> str | None:
         return "lm_head"
     if "norm" in leaf or leaf.startswith("ln"):
         return "norm"
-    if any(p.startswith("shared_expert") for p in parts):
+    if any(p.startswith(("shared_expert", "shared_mlp")) for p in parts):
         return "shared_experts"
+    if leaf in ("gate", "router") or mods & {"router", "gate"}:
+        return "router"
     if "experts" in mods:
         return "routed_experts"
-    if leaf in ("gate", "router") or "router" in mods:
-        return "router"
     if mods & _ATTN:
         return "attention"
     if mods & _FFN:
@@ -70,12 +77,15 @@ def classify(name: str) -> str | None:
 
 
 def _experts_topk(d: dict) -> tuple[int | None, int | None]:
-    """(E, k) from any config dict, whatever the family calls them."""
-    ffn = d.get("ffn_config") or {}
-    E = next((v for v in (d.get("num_local_experts"), d.get("num_experts"), d.get("n_routed_experts"),
-                          ffn.get("moe_num_experts")) if v), None)
-    k = next((v for v in (d.get("num_experts_per_tok"), d.get("moe_top_k"), ffn.get("moe_top_k")) if v), None)
+    """(E, k) from any config dict, whatever the family calls them (also under ffn_config or text_config)."""
+    subs = [x for x in (d, d.get("ffn_config"), d.get("text_config")) if isinstance(x, dict)]
+    E = next((s[f] for s in subs for f in EXPERT_FIELDS if isinstance(s.get(f), int) and s[f] > 0), None)
+    k = next((s[f] for s in subs for f in TOP_K_FIELDS if isinstance(s.get(f), int) and s[f] > 0), None)
     return E, k
+
+
+def routing_bias(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ROUTING_BIASES
 
 
 def _formula_or_none(d: dict, target: str) -> ParamCount | None:
@@ -102,42 +112,52 @@ def count_checkpoint(path: str | os.PathLike) -> ParamCount:
         raise ConfigError(f"{cfg_path}: expected a JSON object")
     formula = _formula_or_none(d, cfg_path)
     E, k = (formula.arch.num_experts, formula.arch.num_experts_per_tok) if formula else _experts_topk(d)
+    Z = formula.arch.zero_experts if formula else 0
     tied = formula.tied if formula else bool(d.get("tie_word_embeddings", False))
     kinds = {n: classify(n) for n in reader.names()}
     has_embedding = "embedding" in kinds.values()
     t, experts_seen = Tally(), {}
     for name, comp in kinds.items():
+        shape = reader.shape(name)
         if comp is None:
+            if routing_bias(name):
+                t.buffer(name.rsplit(".", 1)[-1], math.prod(shape))
             continue
         if comp == "lm_head" and tied:
             if has_embedding:
                 continue  # a tied matrix stored twice counts once
             comp = "embedding"
-        n = math.prod(reader.shape(name))
+        if comp in ("dense_ffn", "other") and E and len(shape) == 3 and shape[0] == E:
+            comp = "routed_experts"  # stacked [E, out, in] under a name that does not say 'experts'
+        if comp == "routed_experts" and len(shape) == 1 and not _EXPERT_INDEX.search(name):
+            comp = "other"  # one vector for the whole layer (JetMoE's output bias), not one per expert
         if comp == "routed_experts":
             if not E:
                 raise ConfigError(f"{cfg_path}: tensor '{name}' is a routed expert, but config.json names no "
-                                  "expert count (num_local_experts / num_experts / n_routed_experts)")
+                                  f"expert count ({' / '.join(EXPERT_FIELDS)})")
             m = _EXPERT_INDEX.search(name)
             if m:
                 experts_seen.setdefault(m.group(1), set()).add(int(m.group(2)))
-            elif len(reader.shape(name)) == 3 and reader.shape(name)[0] != E:
-                raise CheckpointError(f"{path}: stacked expert tensor '{name}' has {reader.shape(name)[0]} "
-                                      f"experts, config.json says {E}")
-            t.add_routed(n, E)
+            elif len(shape) == 3 and shape[0] != E:
+                raise CheckpointError(f"{path}: stacked expert tensor '{name}' has {shape[0]} experts, "
+                                      f"config.json says {E}")
+            t.add_routed(math.prod(shape), E, zero_experts=Z)
         else:
-            t.add(comp, n)
+            t.add(comp, math.prod(shape))
     for layer, idx in experts_seen.items():
         if len(idx) != E:
             raise CheckpointError(f"{path}: layer {layer} stores {len(idx)} experts, config.json says {E}")
     if t.routed and not k:
-        raise ConfigError(f"{cfg_path}: routed experts found but no top-k (num_experts_per_tok)")
+        raise ConfigError(f"{cfg_path}: routed experts found but no top-k: field 'num_experts_per_tok' is missing "
+                          f"(also looked for {', '.join(TOP_K_FIELDS[1:])})")
     count = t.result(k or 0, target=path, source="checkpoint", tied=tied, arch=formula.arch if formula else None,
                      model_type=d.get("model_type"))
     _compare(count, formula, "config.json formula")
     if formula is None:
-        count.notes.append(f"model_type {d.get('model_type')!r} has no formula: counted from the headers only; "
-                           "no attention FLOPs or KV cache")
+        how = (f"routed experts by name and shape (experts.N.* or stacked [E, ...]; E = {E} and k = {k} from "
+               "config.json)" if t.routed else "no routed experts found")
+        count.notes.append(f"model_type {d.get('model_type')!r} has no formula: total exact from the safetensors "
+                           f"headers; components classified by tensor name, {how}; no attention FLOPs or KV cache")
     return count
 
 
@@ -176,6 +196,7 @@ def count_module(module: nn.Module, config: Any = None, top_k: int | None = None
                    else _formula_or_none(_config_dict(cfg), target))
     E_cfg, k = (formula.arch.num_experts, formula.arch.num_experts_per_tok) if formula else _experts_topk(
         _config_dict(cfg))
+    Z = formula.arch.zero_experts if formula else 0
     k = top_k or k or next((getattr(m, a) for m in module.modules() for a in ("top_k", "num_experts_per_tok")
                             if isinstance(getattr(m, a, None), int)), None)
     t, seen, tied = Tally(), set(), False
@@ -188,16 +209,24 @@ def count_module(module: nn.Module, config: Any = None, top_k: int | None = None
                 continue
             seen.add(id(p))
             if comp is None:
+                if routing_bias(name):  # a frozen parameter in some models (ERNIE 4.5, AFMoE)
+                    t.buffer(p_name, p.numel())
                 continue
-            stacked = p.ndim == 3 and comp != "shared_experts" and (comp == "routed_experts" or p.shape[0] == E_cfg)
+            stacked = p.ndim == 3 and comp in ("routed_experts", "dense_ffn", "other") and (
+                comp == "routed_experts" or p.shape[0] == E_cfg)
+            if comp == "routed_experts" and p.ndim == 1 and not _EXPERT_INDEX.search(name):
+                comp = "other"  # one vector for the whole layer (JetMoE's output bias), not one per expert
             if comp == "routed_experts" or stacked:
                 E = p.shape[0] if stacked else (E_cfg or getattr(mod, "num_experts", None))
                 if not E:
                     raise ConfigError(f"{target}: parameter '{name}' is a routed expert, but neither the config "
                                       "nor the module gives the expert count")
-                t.add_routed(p.numel(), E)
+                t.add_routed(p.numel(), E, zero_experts=Z)
             else:
                 t.add(comp, p.numel())
+    for name, b in module.named_buffers():
+        if routing_bias(name):
+            t.buffer(name.rsplit(".", 1)[-1], b.numel())
     if t.routed and not k:
         raise ConfigError(f"{target}: routed experts found but no top-k; pass top_k=")
     count = t.result(k or 0, target=target, source="module", tied=tied, arch=formula.arch if formula else None,
