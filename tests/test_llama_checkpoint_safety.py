@@ -14,7 +14,7 @@ import torch
 from llama import Llama, LlamaConfig
 from moekit.cli import main
 
-from helpers import one_line_error
+from helpers import bpe_tokenizer, one_line_error
 
 COMMANDS = ("params", "verify", "upcycle", "train")
 
@@ -25,7 +25,7 @@ def dense_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("src") / "dense"
     Llama(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, max_position_embeddings=64)).save_pretrained(path, max_shard_size="20KB")
-    (path / "tokenizer.json").write_text('{"model": {}}')
+    bpe_tokenizer(path, vocab_size=300)
     return path
 
 
@@ -87,14 +87,15 @@ def test_weight_files_outside_the_checkpoint_are_refused(dense_dir, tmp_path, ca
     assert "points outside the checkpoint" in err and "root" not in err.replace(str(tmp_path), ""), err
 
 
-@pytest.mark.parametrize("command", ["upcycle"])  # train: with the trainer's complete outputs
+@pytest.mark.parametrize("command", ["upcycle", "train"])
 def test_a_symlinked_side_file_outside_is_not_copied(dense_dir, tmp_path, capsys, command):
     src = copy_of(dense_dir, tmp_path)
-    (tmp_path / "private.txt").write_text("not the model's")
+    (tmp_path / "private.json").write_bytes((src / "tokenizer.json").read_bytes())  # a valid file, elsewhere
     (src / "tokenizer.json").unlink()
-    (src / "tokenizer.json").symlink_to(tmp_path / "private.txt")
+    (src / "tokenizer.json").symlink_to(tmp_path / "private.json")
     err = run(capsys, command, src, tmp_path)
     assert "'tokenizer.json' points outside the checkpoint" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "private.json"]
 
 
 def hub_cache(dense_dir, tmp_path):
@@ -117,7 +118,8 @@ def test_a_hub_cache_snapshot_upcycles_verifies_counts_and_trains(dense_dir, tmp
     assert json.loads(capsys.readouterr().out)["total_params"] == Llama.from_pretrained(dense_dir).num_parameters()
     moe = tmp_path / "moe"
     assert main(["upcycle", str(snap), str(moe), "--num-experts", "4", "--no-progress"]) == 0
-    assert (moe / "tokenizer.json").read_text() == '{"model": {}}' and not (moe / "tokenizer.json").is_symlink()
+    assert (moe / "tokenizer.json").read_bytes() == (dense_dir / "tokenizer.json").read_bytes()
+    assert not (moe / "tokenizer.json").is_symlink()
     assert main(["verify", str(snap), str(moe), "--no-progress"]) == 0
     assert main(["train", str(snap), "--out", str(tmp_path / "trained"), "--steps", "2", "--seq-len", "8",
                  "--batch-size", "2", "--eval-batches", "1", "--no-progress"]) == 0

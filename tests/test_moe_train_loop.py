@@ -194,7 +194,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path, model, extra):
     one = subprocess.run([sys.executable, "-m", "moekit", "train", *args, "--batch-size", "4", "--out",
                           str(tmp_path / "one")], cwd=root, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "moe.train",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "moe.train",
                           *args, "--batch-size", "2", "--out", str(tmp_path / "two")], cwd=root, capture_output=True,
                          text=True)
     assert two.returncode == 0, two.stderr[-3000:]

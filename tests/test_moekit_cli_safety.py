@@ -19,7 +19,7 @@ from llama.io import locked_dir
 from moekit.cli import main
 from upcycle import verify_checkpoints
 
-from helpers import one_line_error
+from helpers import moekit, one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,8 +170,8 @@ def test_write_errors_are_one_line_and_leave_nothing(dense_dir, tmp_path, capsys
     monkeypatch.setattr(checkpoint.ShardedWriter, "write", fail_with(code))
     for argv in (["upcycle", dense_dir, tmp_path / "moe", "--no-progress"],
                  ["train", "tiny", "--out", tmp_path / "run", "--steps", "1", "--no-progress", "--seq-len", "8"]):
-        err = one_line_error(capsys, *argv)
-        assert f"/the/output/file: {os.strerror(code)}" in err, err
+        rc, _, err = moekit(capsys, *argv)  # (train has printed its first line: the schedule)
+        assert rc == 2 and err.count("\n") == 1 and f"/the/output/file: {os.strerror(code)}" in err, err
         assert names(tmp_path) == []
 
 

@@ -341,6 +341,23 @@ def _train(options: TrainOptions, accelerator, work: WorkDir | None, log) -> Tra
                 save_state(accelerator, work, model, step, scheduler, interval, options, source, tokenizer)
                 last_time = time.perf_counter()
         bar.close()
+        seconds = time.perf_counter() - start
+        accelerator.wait_for_everyone()
+        model = gathered(accelerator, model)
+        if accelerator.log_with:
+            accelerator.end_training()
+        result = TrainResult(model, options.steps, options.steps * tokens_per_step, train_loss, val,
+                             initial_val if initial_val is not None else float("nan"), seconds, metrics,
+                             work.out if work else None)
+        if work and main:
+            save_complete(model, work.path, options.save_dtype, source, tokenizer or ByteTokenizer())
+            config = read_json(os.path.join(work.path, "train_config.json"), "train_config.json")
+            write_json(os.path.join(work.path, "train_config.json"), {
+                **config, "model_type": model.config.model_type, "parameters": model.num_parameters(),
+                "tokens": result.tokens, "seconds": round(seconds, 3), "train_loss": train_loss,
+                "initial_val_loss": result.initial_val_loss, "val_loss": val})
+        if work:
+            work.finish(options.force)
     except (MoekitError, KeyboardInterrupt) as e:
         if work and work.abandon():
             last = work.last_state()
@@ -351,23 +368,6 @@ def _train(options: TrainOptions, accelerator, work: WorkDir | None, log) -> Tra
         if work:
             work.abandon()
         raise
-    seconds = time.perf_counter() - start
-    accelerator.wait_for_everyone()
-    model = gathered(accelerator, model)
-    if accelerator.log_with:
-        accelerator.end_training()
-    result = TrainResult(model, options.steps, options.steps * tokens_per_step, train_loss, val,
-                         initial_val if initial_val is not None else float("nan"), seconds, metrics,
-                         work.out if work else None)
-    if work and main:
-        save_complete(model, work.path, options.save_dtype, source, tokenizer or ByteTokenizer())
-        config = read_json(os.path.join(work.path, "train_config.json"), "train_config.json")
-        write_json(os.path.join(work.path, "train_config.json"), {
-            **config, "model_type": model.config.model_type, "parameters": model.num_parameters(),
-            "tokens": result.tokens, "seconds": round(seconds, 3), "train_loss": train_loss,
-            "initial_val_loss": result.initial_val_loss, "val_loss": val})
-    if work:
-        work.finish(options.force)
     if log and main:
         log(summary_line(result, source.description))
     return result

@@ -22,7 +22,16 @@ import re
 import shutil
 
 from llama.errors import CheckpointError, ConfigError
-from llama.io import check_path, locked_dir, publish, read_json, try_lock, write_json
+from llama.io import (
+    check_parents,
+    check_path,
+    locked_dir,
+    make_parents,
+    publish,
+    read_json,
+    try_lock,
+    write_json,
+)
 
 from .options import TrainOptions
 
@@ -40,6 +49,7 @@ class WorkDir:
     # ---- opening ----------------------------------------------------------------------------------------------
     def check_new(self, force: bool) -> None:
         """Before any work: refuse an existing OUT or an interrupted run unless `force`."""
+        check_parents(self.out)
         if os.path.lexists(self.out) and not force:
             raise CheckpointError(f"{self.out} already exists; pass --force to overwrite it")
         if os.path.lexists(self.path) and not force:
@@ -56,7 +66,7 @@ class WorkDir:
             self._take_lock()
             shutil.rmtree(self.path)
             os.close(self._lock)
-        os.makedirs(os.path.dirname(self.out), exist_ok=True)
+        make_parents(self.out)
         self._lock = locked_dir(self.path)
 
     def reopen(self) -> None:
@@ -145,14 +155,12 @@ class WorkDir:
 
     # ---- the end ----------------------------------------------------------------------------------------------
     def finish(self, force: bool) -> None:
-        """Remove the training states and publish OUT.partial as OUT."""
+        """Publish OUT.partial as OUT, then remove the training states from it."""
         if not self.main:
             return
-        shutil.rmtree(os.path.join(self.path, "state"), ignore_errors=True)
-        try:
-            publish(self.path, self.out, force)
-        finally:
-            self.release()
+        publish(self.path, self.out, force)  # on failure OUT.partial stays, with its states
+        self.release()
+        shutil.rmtree(os.path.join(self.out, "state"), ignore_errors=True)
 
     def abandon(self) -> bool:
         """After a failure: keep OUT.partial when it holds a state to resume from (True), else remove it."""
