@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import transformers
 
 from llama.model import Llama
 from moe.train import TrainOptions, train
@@ -54,6 +55,12 @@ def test_bytes_and_presets(tmp_path):
     assert load_tokenizer("bytes", None).encode("hé") == [104, 195, 169]
     assert isinstance(load_tokenizer("bytes", str(tmp_path)), ByteTokenizer)
     assert load_tokenizer(None, None) is None  # a preset: the trainer chooses bytes
+    ByteTokenizer().save(str(tmp_path))  # what a byte-level model's output holds: read back as bytes, anywhere
+    text = "Héllo  wörld\n\t417+86=503 ✓"
+    back = load_tokenizer(None, str(tmp_path))
+    assert isinstance(back, ByteTokenizer) and back.directory == str(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf(text).input_ids == list(text.encode()) and hf.decode(list(text.encode())) == text
 
 
 def test_text_for_a_checkpoint_without_a_tokenizer_is_refused(tmp_path, capsys):

@@ -167,6 +167,8 @@ def save_complete(model: nn.Module, directory: str, dtype: str, source: Source, 
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(tokenizer.directory, name)):
                 shutil.copyfile(resolve_inside(tokenizer.directory, name, "tokenizer file"), os.path.join(tmp, name))
+    elif isinstance(tokenizer, ByteTokenizer) and not os.path.isfile(os.path.join(tmp, "tokenizer.json")):
+        tokenizer.save(tmp)
     if not os.path.isfile(os.path.join(tmp, "generation_config.json")):
         cfg = model.config
         write_json(os.path.join(tmp, "generation_config.json"),

@@ -9,6 +9,7 @@ with neither gets a newline between documents.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 from llama.checkpoint import resolve_inside
@@ -21,13 +22,23 @@ _EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "[CLS]")
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255: no files needed; the model's vocabulary must hold 256 ids."""
+def _byte_symbols() -> dict[str, int]:
+    """GPT-2's byte-to-character table: the symbol of each byte value in a byte-level tokenizer.json."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(rest)}}
 
-    name, fingerprint, directory = "bytes", "bytes", None
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255: no files needed; the model's vocabulary must hold 256 ids. Saved as a
+    byte-level `tokenizer.json` (id = byte value), so a byte-level model's output is complete too."""
+
+    name, fingerprint, convention = "bytes", "bytes", "concatenated"
     vocab_size = num_ids = 256  # ids are 0..num_ids-1
     bos_id = eos_id = None
-    convention = "concatenated"
+
+    def __init__(self, directory: str | None = None):
+        self.directory = directory  # where its tokenizer.json came from, if it did
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
@@ -37,6 +48,18 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+    def save(self, directory: str) -> None:
+        """tokenizer.json (the `tokenizers` library: ByteLevel without merges) and a tokenizer_config.json that
+        transformers' AutoTokenizer reads."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        tok = Tokenizer(models.BPE(vocab=_byte_symbols(), merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.save(os.path.join(directory, "tokenizer.json"))
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f)
 
 
 class HFTokenizer:
@@ -68,18 +91,24 @@ class HFTokenizer:
         else:
             self.convention = "newline"
 
+    def is_bytes(self) -> bool:
+        """A byte-level tokenizer.json without merges or special tokens (as `ByteTokenizer.save` writes)."""
+        return self.tok.get_vocab(with_added_tokens=True) == _byte_symbols()
+
     def _special(self, kind: str, model_config: dict | None, names: tuple[str, ...]) -> int | None:
+        """The id of a special token of the tokenizer (an added one, not a piece of text)."""
+        special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
         ids = (model_config or {}).get(f"{kind}_token_id")
         ids = ids[0] if isinstance(ids, list) and ids else ids
-        if isinstance(ids, int) and not isinstance(ids, bool) and self.tok.id_to_token(ids) is not None:
+        if ids in special:
             return ids
         cfg_path = os.path.join(self.directory, "tokenizer_config.json")
         if os.path.isfile(cfg_path):
             token = read_json(cfg_path, "tokenizer_config.json").get(f"{kind}_token")
             token = token.get("content") if isinstance(token, dict) else token
-            if isinstance(token, str) and self.tok.token_to_id(token) is not None:
+            if isinstance(token, str) and self.tok.token_to_id(token) in special:
                 return self.tok.token_to_id(token)
-        return next((self.tok.token_to_id(n) for n in names if self.tok.token_to_id(n) is not None), None)
+        return next((self.tok.token_to_id(n) for n in names if self.tok.token_to_id(n) in special), None)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -106,12 +135,14 @@ def load_tokenizer(spec: str | None, model_dir: str | None, model_config: dict |
     if spec is None:
         if model_dir is None or not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
             return None
-        return HFTokenizer(resolve_inside(model_dir, "tokenizer.json", "file"), model_config)
-    path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
-    if not os.path.isfile(path):
-        raise ConfigError(f"--tokenizer {spec}: no tokenizer.json there; expected a tokenizer.json, a directory "
-                          "holding one, or 'bytes'")
-    return HFTokenizer(os.path.abspath(path), model_config)
+        tok = HFTokenizer(resolve_inside(model_dir, "tokenizer.json", "file"), model_config)
+    else:
+        path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
+        if not os.path.isfile(path):
+            raise ConfigError(f"--tokenizer {spec}: no tokenizer.json there; expected a tokenizer.json, a directory "
+                              "holding one, or 'bytes'")
+        tok = HFTokenizer(os.path.abspath(path), model_config)
+    return ByteTokenizer(tok.directory) if tok.is_bytes() else tok
 
 
 def check_fits(tokenizer, vocab_size: int) -> None:
