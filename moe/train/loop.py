@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llama.checkpoint import copy_side_files, resolve_inside
 from llama.config import LLAMA_PRESETS, LlamaConfig
 from llama.errors import CheckpointError, ConfigError, MoekitError
 from llama.io import check_disjoint, config_path, read_config_json, read_json, write_json
@@ -43,8 +42,8 @@ from .metrics import (
 )
 from .optim import Schedule, make_optimizer
 from .options import CONTINUED, SCRATCH, TrainOptions
-from .state import WorkDir
-from .tokenizer import TOKENIZER_FILES, ByteTokenizer, check_fits, load_tokenizer
+from .state import WorkDir, gathered, save_complete
+from .tokenizer import ByteTokenizer, check_fits, load_tokenizer
 
 MOE_TYPES = ("moe", "mixtral", "qwen2_moe")
 
@@ -149,33 +148,6 @@ def evaluate(model, data: TokenData, options: TrainOptions, accelerator) -> floa
         losses.append(out.lm_loss if hasattr(out, "lm_loss") else out.loss)
     model.train()
     return accelerator.reduce(torch.stack(losses).mean(), "mean").item()
-
-
-def save_complete(model: nn.Module, directory: str, dtype: str, source: Source, tokenizer) -> None:
-    """A Hugging Face directory a user can load and chat with: config and weights (in `dtype`; auto: the source
-    checkpoint's), every non-weight file of the source, and the tokenizer used for training when it came from
-    elsewhere. Files already in `directory` (metrics, train config) are kept."""
-    if dtype == "auto":
-        stored = (source.config or {}).get("torch_dtype") or (source.config or {}).get("dtype")
-        dtype = stored if stored in ("float32", "bfloat16", "float16") else "float32"
-    tmp = os.path.join(directory, ".checkpoint")
-    fmt = {"format": model.config.model_type} if model.config.model_type in ("mixtral", "qwen2_moe") else {}
-    model.save_pretrained(tmp, force=True, dtype=dtype, **fmt)
-    if source.directory is not None:
-        copy_side_files(source.directory, tmp, skip=("train_config.json", "metrics.jsonl", "upcycling.json"))
-    if tokenizer.directory is not None and tokenizer.directory != source.directory:
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(tokenizer.directory, name)):
-                shutil.copyfile(resolve_inside(tokenizer.directory, name, "tokenizer file"), os.path.join(tmp, name))
-    elif isinstance(tokenizer, ByteTokenizer) and not os.path.isfile(os.path.join(tmp, "tokenizer.json")):
-        tokenizer.save(tmp)
-    if not os.path.isfile(os.path.join(tmp, "generation_config.json")):
-        cfg = model.config
-        write_json(os.path.join(tmp, "generation_config.json"),
-                   {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id})
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-    os.rmdir(tmp)
 
 
 def train(options: TrainOptions, log=print) -> TrainResult:
@@ -352,7 +324,8 @@ def _train(options: TrainOptions, accelerator, work: WorkDir | None, log) -> Tra
                              initial_val if initial_val is not None else float("nan"), seconds, metrics,
                              work.out if work else None)
         if work and main:
-            save_complete(model, work.path, options.save_dtype, source, tokenizer or ByteTokenizer())
+            save_complete(model, work.path, options.save_dtype, source.directory, source.config,
+                          tokenizer or ByteTokenizer())
             config = read_json(os.path.join(work.path, "train_config.json"), "train_config.json")
             write_json(os.path.join(work.path, "train_config.json"), {
                 **config, "model_type": model.config.model_type, "parameters": model.num_parameters(),
@@ -375,17 +348,6 @@ def _train(options: TrainOptions, accelerator, work: WorkDir | None, log) -> Tra
     return result
 
 
-def gathered(accelerator, model) -> nn.Module:
-    """The trained model with its full weights (gathered from the processes under FSDP), in eval mode."""
-    from accelerate.utils import DistributedType
-
-    raw = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return raw.eval()
-    state = accelerator.get_state_dict(model)  # every process takes part; the main one gets the tensors
-    return type(raw).from_state_dict(raw.config, state) if accelerator.is_main_process else raw.eval()
-
-
 def save_state(accelerator, work: WorkDir, model: nn.Module, step: int, scheduler, interval: Interval,
                options: TrainOptions, source: Source, tokenizer) -> None:
     """Every --save-every steps: a complete checkpoint OUT.partial/step-N and the training state for --resume."""
@@ -394,7 +356,7 @@ def save_state(accelerator, work: WorkDir, model: nn.Module, step: int, schedule
         directory = os.path.join(work.path, f"step-{step:06d}")
         shutil.rmtree(directory, ignore_errors=True)
         os.makedirs(directory)
-        save_complete(full, directory, options.save_dtype, source, tokenizer or ByteTokenizer())
+        save_complete(full, directory, options.save_dtype, source.directory, source.config, tokenizer or ByteTokenizer())
     full.train()
     progress = {"step": step, "scheduler": scheduler.state_dict(), "interval": interval.state()}
     work.save_state(accelerator, step, options.keep_last, progress)

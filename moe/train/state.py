@@ -9,6 +9,9 @@ so OUT is only ever a finished run:
     OUT.partial/state/step-NNNNNN/  --save-every: accelerate's training state (model, optimizer, schedule, RNG
                                     states, step), written atomically, the last --keep-last kept; removed at the end
 
+and what it writes there: complete Hugging Face directories (`save_complete`), with full weights under FSDP
+(`gathered`).
+
 A killed run leaves OUT.partial behind; `--resume` continues from its last state with the options it started
 with. A new run refuses to start over an interrupted one unless --force.
 """
@@ -21,6 +24,9 @@ import os
 import re
 import shutil
 
+from torch import nn
+
+from llama.checkpoint import copy_side_files, resolve_inside
 from llama.errors import CheckpointError, ConfigError
 from llama.io import (
     check_parents,
@@ -34,6 +40,7 @@ from llama.io import (
 )
 
 from .options import TrainOptions
+from .tokenizer import TOKENIZER_FILES, ByteTokenizer
 
 STATE = re.compile(r"step-(\d{6,})")
 
@@ -176,3 +183,44 @@ class WorkDir:
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+
+
+# ---- what a run writes ------------------------------------------------------------------------------------
+
+def save_complete(model: nn.Module, directory: str, dtype: str, source_dir: str | None, source_config: dict | None,
+                  tokenizer) -> None:
+    """A Hugging Face directory a user can load and chat with: config and weights (in `dtype`; auto: the source
+    checkpoint's), every non-weight file of the source, and the tokenizer used for training when it came from
+    elsewhere. Files already in `directory` (metrics, train config) are kept."""
+    if dtype == "auto":
+        stored = (source_config or {}).get("torch_dtype") or (source_config or {}).get("dtype")
+        dtype = stored if stored in ("float32", "bfloat16", "float16") else "float32"
+    tmp = os.path.join(directory, ".checkpoint")
+    fmt = {"format": model.config.model_type} if model.config.model_type in ("mixtral", "qwen2_moe") else {}
+    model.save_pretrained(tmp, force=True, dtype=dtype, **fmt)
+    if source_dir is not None:
+        copy_side_files(source_dir, tmp, skip=("train_config.json", "metrics.jsonl", "upcycling.json"))
+    if tokenizer.directory is not None and tokenizer.directory != source_dir:
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(tokenizer.directory, name)):
+                shutil.copyfile(resolve_inside(tokenizer.directory, name, "tokenizer file"), os.path.join(tmp, name))
+    elif isinstance(tokenizer, ByteTokenizer) and not os.path.isfile(os.path.join(tmp, "tokenizer.json")):
+        tokenizer.save(tmp)
+    if not os.path.isfile(os.path.join(tmp, "generation_config.json")):
+        cfg = model.config
+        write_json(os.path.join(tmp, "generation_config.json"),
+                   {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id})
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    os.rmdir(tmp)
+
+
+def gathered(accelerator, model) -> nn.Module:
+    """The trained model with its full weights (gathered from the processes under FSDP), in eval mode."""
+    from accelerate.utils import DistributedType
+
+    raw = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return raw.eval()
+    state = accelerator.get_state_dict(model)  # every process takes part; the main one gets the tensors
+    return type(raw).from_state_dict(raw.config, state) if accelerator.is_main_process else raw.eval()
