@@ -19,7 +19,7 @@ from llama.io import package_version
 from llama.options import option
 from moe.accounting.cost import Plan
 from moe.bench.options import GemmBenchOptions, LayerBenchOptions
-from moe.train.options import TrainOptions
+from moe.train.options import GenerateOptions, TokenizerOptions, TrainOptions
 from upcycle.options import UpcycleOptions, VerifyOptions
 
 from .args import Parser, add_options, given_options, options_from, print_error
@@ -76,6 +76,27 @@ def _train(args, options: TrainOptions) -> int:
     return 0
 
 
+def _tokenizer_train(args, options: TokenizerOptions) -> int:
+    from moe.train.tokenizer import train_tokenizer
+
+    print(train_tokenizer(options.data, options.out, options.vocab_size, options.text_field, options.force,
+                          options.progress))
+    return 0
+
+
+def _generate(args, options: GenerateOptions) -> int:
+    from moe.train.sample import complete
+
+    texts = complete(options.model, options.prompt, options.max_new_tokens, options.temperature, options.top_k,
+                     options.seed)
+    if options.json:
+        print(json.dumps([{"prompt": p, "completion": t} for p, t in zip(options.prompt, texts)], indent=1))
+    else:
+        for p, t in zip(options.prompt, texts):
+            print(f"{p}{t}\n{'-' * 40}")
+    return 0
+
+
 def _bench_layer(args, options: LayerBenchOptions) -> int:
     from moe.bench.layer import run
 
@@ -122,6 +143,9 @@ COMMANDS = (
     Command("params", Plan, _params, (("target", "TARGET", "preset name, config.json, checkpoint directory, or a "
                                        "count (7B, 175e9)"),), (ParamsOutput,)),
     Command("train", TrainOptions, _train),
+    Command("generate", GenerateOptions, _generate),
+    Command("tokenizer", help="tokenizers for training: train one on text",
+            subcommands=(Command("train", TokenizerOptions, _tokenizer_train),)),
     Command("bench", help="benchmarks that print a table and write JSON: a routed layer, or the grouped-GEMM kernels",
             subcommands=(Command("layer", LayerBenchOptions, _bench_layer),
                          Command("gemm", GemmBenchOptions, _bench_gemm))),

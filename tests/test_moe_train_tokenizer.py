@@ -87,3 +87,31 @@ def test_another_tokenizer_goes_into_the_output(tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tmp_path / "tok" / "tokenizer.json").read_bytes()
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
     assert np.isfinite(json.loads((tmp_path / "out" / "train_config.json").read_text())["val_loss"])
+
+
+def test_moekit_tokenizer_train_writes_a_tokenizer_the_trainer_and_transformers_read(tmp_path, capsys):
+    from helpers import moekit
+
+    (tmp_path / "docs").mkdir()
+    for i, t in enumerate(corpus(3)):
+        (tmp_path / "docs" / f"{i}.py").write_text(t)
+    rc, out, err = moekit(capsys, "tokenizer", "train", tmp_path / "docs", "--out", tmp_path / "tok", "--vocab-size",
+                          "400", "--no-progress")
+    assert rc == 0 and "trained a 400-token byte-level BPE tokenizer on" in out and "3 text files" in out, err
+    ours = load_tokenizer(str(tmp_path / "tok"), None)
+    assert ours.num_ids == 400 and ours.eos_id == 0 and ours.convention == "eos"
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    text = corpus(1)[0][:500]
+    assert hf(text).input_ids == ours.encode(text) and hf.decode(ours.encode(text)) == text
+    assert "already exists" in one_line_error(capsys, "tokenizer", "train", tmp_path / "docs", "--out", tmp_path / "tok")
+    assert "vocab-size must be in [257" in one_line_error(capsys, "tokenizer", "train", tmp_path / "docs", "--out",
+                                                          tmp_path / "t2", "--vocab-size", "10")
+
+
+def test_the_standard_library_is_built_in_data_split_by_file():
+    from moe.train.data import Documents
+
+    train, held_out = Documents("builtin:python-stdlib", "text"), Documents("builtin:python-stdlib-val", "text")
+    assert len(train.files) > 10 * len(held_out.files) > 0 and not set(train.files) & set(held_out.files)
+    assert all(f.endswith(".py") and "/test/" not in f for f in train.files + held_out.files)
+    assert Documents("builtin:python-stdlib", "text").files == train.files  # a fixed selection

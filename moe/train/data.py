@@ -24,7 +24,11 @@ from tqdm.auto import tqdm
 
 from llama.errors import ConfigError
 
-BUILTIN = ("builtin:arith",)
+BUILTIN = ("builtin:arith", "builtin:python-stdlib", "builtin:python-stdlib-val")
+# The Python standard library's own sources: text every machine with Python has. Test suites, IDLE, Tk, 2to3 and
+# platform build files are left out; one file in 20 (by a hash of its path) is held out for validation.
+_STDLIB_SKIP = ("test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "venv", "site-packages",
+                "dist-packages", "__pycache__")
 VAL_FRACTION = 0.05
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java",
                  ".js", ".ts", ".html", ".css", ".tex", ".sh", ".toml", ".yaml", ".yml", ".json", ".csv")
@@ -64,6 +68,25 @@ def text_files(directory: str) -> list[str]:
     return found
 
 
+def stdlib_files(held_out: bool) -> tuple[str, list[str]]:
+    """(its directory, the standard library's .py files in a fixed order): the training part, or the held-out
+    one (1 in 20)."""
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    chosen = []
+    for base, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _STDLIB_SKIP and not d.startswith((".", "config-")))
+        for f in sorted(files):
+            path = os.path.join(base, f)
+            digest = int(hashlib.sha256(os.path.relpath(path, root).encode()).hexdigest(), 16)
+            if f.endswith(".py") and (digest % 20 == 0) == held_out:
+                chosen.append(path)
+    if not chosen:
+        raise ConfigError(f"{root}: no Python sources found in the standard library")
+    return root, chosen
+
+
 class Documents:
     """Where a source's documents come from: `key_parts()` (what the cache key hashes) and `texts()`."""
 
@@ -74,6 +97,9 @@ class Documents:
             if spec not in BUILTIN:
                 raise ConfigError(f"unknown built-in data '{spec}'; expected one of {list(BUILTIN)}")
             self.kind, self.files, self.description = "builtin", [], f"{spec} (seed 0)"
+            if spec != "builtin:arith":
+                root, self.files = stdlib_files(held_out=spec.endswith("-val"))
+                self.kind, self.description = "text", f"{spec} ({len(self.files)} .py files under {root})"
         elif any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json", "dataset_dict.json")):
             self.kind, self.files = "datasets", sorted(
                 os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.endswith((".arrow", ".json")))

@@ -73,9 +73,10 @@ class Source:
     config: dict | None  # its config.json
 
 
-def load_model(source: str, seed: int = 0) -> Source:
+def load_model(source: str, seed: int = 0, tokenizer=None) -> Source:
     """A checkpoint directory (Llama or MoE by config.json's model_type) or a preset (random init, seeded), in
-    fp32 and train mode."""
+    fp32 and train mode. A preset trained with a tokenizer other than bytes takes its vocabulary (rounded up to a
+    multiple of 64) and its BOS / EOS ids."""
     if os.path.isdir(source):
         path = config_path(source)
         config = read_config_json(path)
@@ -89,10 +90,14 @@ def load_model(source: str, seed: int = 0) -> Source:
                                   "qwen2_moe")
         return Source(model.float().train(), os.path.abspath(source), os.path.abspath(source), config)
     torch.manual_seed(seed)
+    fit = {}
+    if tokenizer is not None and not isinstance(tokenizer, ByteTokenizer):
+        fit = dict(vocab_size=-(-tokenizer.num_ids // 64) * 64, bos_token_id=tokenizer.bos_id,
+                   eos_token_id=tokenizer.eos_id)
     if source.lower() in LLAMA_PRESETS:
-        model = Llama(LlamaConfig.from_name(source))
+        model = Llama(LlamaConfig.from_name(source, **fit))
     elif source.lower() in MOE_PRESETS:
-        model = MoEForCausalLM(MoEConfig.from_name(source))
+        model = MoEForCausalLM(MoEConfig.from_name(source, **fit))
     else:
         raise ConfigError(f"{source}: not a checkpoint directory nor a preset; presets: "
                           f"{', '.join(sorted(LLAMA_PRESETS) + sorted(MOE_PRESETS))}")
@@ -184,16 +189,18 @@ def _train(options: TrainOptions, accelerator, work: WorkDir | None, log) -> Tra
         check_disjoint(options.model, options.out, "MODEL", "--out")
 
     # ---- model, tokenizer, data: everything checked before anything is written -----------------------------
-    source = load_model(options.model, options.seed)
+    directory = os.path.abspath(options.model) if os.path.isdir(options.model) else None
+    config = read_config_json(directory) if directory else None
+    tokenizer = load_tokenizer(options.tokenizer, directory, config)
+    if tokenizer is None and directory is None:
+        tokenizer = ByteTokenizer()
+    source = load_model(options.model, options.seed, tokenizer)
     model, mcfg = source.model, source.model.config
     is_moe = isinstance(model, MoEForCausalLM)
     configure_moe(model, options)
     if options.seq_len + 1 > mcfg.max_position_embeddings:
         raise ConfigError(f"--seq-len {options.seq_len} needs windows of {options.seq_len + 1} tokens; the model's "
                           f"max_position_embeddings is {mcfg.max_position_embeddings}")
-    tokenizer = load_tokenizer(options.tokenizer, source.directory, source.config)
-    if tokenizer is None and source.directory is None:
-        tokenizer = ByteTokenizer()
     if tokenizer is not None:
         check_fits(tokenizer, mcfg.vocab_size)
     with accelerator.main_process_first():

@@ -101,3 +101,46 @@ class TrainOptions:
             raise ConfigError("MODEL is required (a checkpoint directory or a preset), unless --resume")
         if self.resume and not self.out:
             raise ConfigError("--resume needs --out: the run to continue is OUT.partial")
+
+
+@dataclass
+class TokenizerOptions:
+    """train a byte-level BPE tokenizer on text
+
+    Train a byte-level BPE tokenizer with the `tokenizers` library on text data (the sources `moekit train --data`
+    reads, e.g. builtin:python-stdlib or a directory of files) and write OUT/tokenizer.json and a
+    tokenizer_config.json that transformers reads. Its one special token, <|endoftext|>, ends each document."""
+
+    data: str | None = option(None, "text to learn from (as moekit train --data)", metavar="DATA", positional=True)
+    out: str | None = option(None, "output directory (must not exist unless --force)", metavar="DIR", required=True)
+    vocab_size: int = option(4096, "ids in the vocabulary, special token included", metavar="N", min=257,
+                             max=1_000_000)
+    text_field: str = option("text", ".jsonl / datasets: the field holding the text", metavar="NAME")
+    force: bool = option(False, "replace OUT if it exists")
+    progress: bool = option(True, "no progress bar")
+
+    def __post_init__(self):
+        check_options(self)
+        if not self.data:
+            raise ConfigError("DATA is required: the text to train the tokenizer on")
+
+
+@dataclass
+class GenerateOptions:
+    """complete prompts with a checkpoint and its own tokenizer
+
+    Continue each --prompt with the checkpoint MODEL (dense or MoE; its tokenizer.json), greedily by default, and
+    print the completions."""
+
+    model: str | None = option(None, "checkpoint directory with a tokenizer.json", metavar="MODEL", positional=True)
+    prompt: list[str] = option(default_factory=lambda: ["def "], help="prompts to complete", metavar="TEXT")
+    max_new_tokens: int = option(40, "tokens to generate per prompt", metavar="N", min=1, max=100_000)
+    temperature: float = option(0.0, "0 = greedy; above 0 samples", metavar="T", min=0, max=100)
+    top_k: int | None = option(None, "sample from the k likeliest tokens", metavar="K", min=1)
+    seed: int = option(0, "seed for sampling", metavar="N", min=0, max=MAX_SEED)
+    json: bool = option(False, "print the completions as JSON")
+
+    def __post_init__(self):
+        check_options(self)
+        if not self.model:
+            raise ConfigError("MODEL is required: a checkpoint directory")

@@ -150,3 +150,29 @@ def check_fits(tokenizer, vocab_size: int) -> None:
     if tokenizer.num_ids > vocab_size:
         raise ConfigError(f"tokenizer {tokenizer.name} has ids up to {tokenizer.num_ids - 1}; the model's "
                           f"vocab_size is {vocab_size} (ids 0..{vocab_size - 1}): use the model's own tokenizer")
+
+
+def train_tokenizer(data: str, out: str, vocab_size: int = 4096, text_field: str = "text", force: bool = False,
+                    progress: bool = True) -> str:
+    """A byte-level BPE tokenizer of `vocab_size` ids trained on `data` (any --data source with text) with the
+    `tokenizers` library, written atomically to `out`: tokenizer.json and a tokenizer_config.json that
+    transformers reads. Its one special token, <|endoftext|>, ends each document (GPT-2's convention)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from llama.io import AtomicDir
+
+    from .data import Documents
+
+    docs = Documents(data, text_field)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs.texts(), trainer)
+    with AtomicDir(out, force) as tmp:
+        tok.save(os.path.join(tmp, "tokenizer.json"))
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
+                       "eos_token": "<|endoftext|>", "model_max_length": 1_000_000}, f, indent=2)
+    return f"trained a {tok.get_vocab_size()}-token byte-level BPE tokenizer on {docs.description}; wrote {out}"
