@@ -35,8 +35,8 @@ class TrainOptions:
                                positional=True)
     out: str | None = option(None, "output directory (must not exist unless --force)", metavar="DIR",
                              required=True)  # None (Python only): write nothing
-    data: str = option("builtin:arith", "builtin:arith | a text file | a directory of text files | .jsonl | a "
-                       "`datasets` directory (save_to_disk) | .npy of token ids", metavar="SRC")
+    data: str = option("builtin:arith", "builtin:arith | builtin:python-stdlib(-val) | a text file | a directory of "
+                       "text files | .jsonl | a `datasets` directory (save_to_disk) | .npy of token ids", metavar="SRC")
     val_data: str | None = option(None, "held-out validation data (same kinds as --data)", metavar="SRC",
                                   default_text="the last 5% of --data")
     tokenizer: str | None = option(None, "tokenizer.json, a directory holding one, or 'bytes'", metavar="TOK",
