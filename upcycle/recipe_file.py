@@ -153,9 +153,8 @@ def read_recipe(path: str, overrides: dict | None = None) -> UpcycleOptions:
     if is_mergekit(data):
         values = from_mergekit(path, data)
     else:
-        allowed = [f.name for f in dataclasses.fields(UpcycleOptions) if f.name != "config"]
-        _unknown(path, "the recipe", data, allowed)
-        values = dict(data)
+        _unknown(path, "the recipe", data, [f.name for f in dataclasses.fields(UpcycleOptions)])
+        values = {k: v for k, v in data.items() if k != "config"}  # (an upcycling.json's names its own recipe file)
     try:
         return UpcycleOptions(**{**values, **(overrides or {}), "config": path})
     except ConfigError as e:
