@@ -36,7 +36,7 @@ from llama.model import Llama  # noqa: E402
 GiB = 1 << 30
 
 
-def generate_dense(path: Path, config: LlamaConfig, dtype: torch.dtype) -> int:
+def generate_dense(path: Path, config: LlamaConfig, dtype: torch.dtype, seed: int = 0) -> int:
     """A random dense checkpoint written one tensor at a time; returns its tensor bytes."""
     with torch.device("meta"):
         specs = [(n, dtype, tuple(t.shape)) for n, t in Llama(config).checkpoint_tensors()]
@@ -45,7 +45,7 @@ def generate_dense(path: Path, config: LlamaConfig, dtype: torch.dtype) -> int:
         d.update(architectures=["LlamaForCausalLM"], torch_dtype=str(dtype).removeprefix("torch."))
         write_json(os.path.join(tmp, "config.json"), d)
         writer = ShardedWriter(tmp, specs, "1GB")
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator().manual_seed(seed)
         for name, _, shape in specs:
             t = torch.ones(shape) if "norm" in name else torch.randn(shape, generator=gen) * 0.02
             writer.write(name, t.to(dtype))
