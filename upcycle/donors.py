@@ -148,7 +148,8 @@ def merge_donors(src: str | None, dst: str | os.PathLike, options: UpcycleOption
 def summary_line(dst: str, plan: Plan, options: UpcycleOptions, record: dict) -> str:
     c, gb, secs = plan.config, record["output_bytes"] / 1e9, record["seconds"]
     shared = f" + shared expert {c.shared_expert_intermediate_size}" if c.has_shared_expert else ""
-    line = (f"merged {len(options.donors)} donors -> {dst}: base {options.base}, {c.num_local_experts} experts of "
+    D = len(options.donors)
+    line = (f"merged {D} donor{'s' * (D > 1)} -> {dst}: base {options.base}, {c.num_local_experts} experts of "
             f"{c.moe_intermediate_size}{shared} ({options.copies} per donor, recipe {options.recipe}), "
             f"top-{c.num_experts_per_tok}, router {options.router_init}, {len(plan.moe_layers)}/"
             f"{c.num_hidden_layers} MoE layers, {plan.format}, {gb:.3f} GB in {record['shards']} shard(s), "
