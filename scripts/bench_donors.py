@@ -25,40 +25,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import torch  # noqa: E402
-from bench_upcycle import GiB, dir_bytes, generate_dense, machine, measure  # noqa: E402
+from bench_upcycle import (  # noqa: E402
+    GiB,
+    dense_config,
+    dir_bytes,
+    generate_dense,
+    largest_tensor,
+    machine,
+    measure,
+    shape_args,
+)
 
-from llama.config import LlamaConfig  # noqa: E402
 from moe.train.tokenizer import ByteTokenizer  # noqa: E402
 
 PROMPTS = ["def fibonacci(n): return n if n < 2 else", "Once upon a time, in a small harbour town,",
            "Solve for x: 3x + 7 = 22. First subtract 7", "Translate into French: the cat sleeps"]
 
 
-def largest_tensor(path: Path) -> int:
-    largest = 0
-    for f in path.glob("*.safetensors"):
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        header.pop("__metadata__", None)
-        largest = max(largest, *(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values()))
-    return largest
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="/tmp/moekit-bench-donors")
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--intermediate", type=int, default=14336)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=32000)
+    shape_args(ap, layers=2)
     ap.add_argument("--json", default=str(ROOT / "runs" / "bench_donors.json"))
     ap.add_argument("--keep", action="store_true", help="keep the generated donors")
     args = ap.parse_args()
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=32, num_key_value_heads=8)
+    config = dense_config(args)
     donors = [work / f"donor{d}" for d in range(4)]
     for d, path in enumerate(donors):
         cached = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
