@@ -1,6 +1,7 @@
 """Helpers shared by several test modules: running the command line as a user does, small configs and checkpoints
 with real tokenizers."""
 
+import contextlib
 import json
 import os
 
@@ -188,6 +189,18 @@ def check_released(count, total: int, active: int, published: tuple | None = Non
         t = count.total_params - sum(count.total[c] for c in (total_out[0] if total_out else ()))
         a = count.active_params - sum(count.active[c] for c in active_out)
         assert near_published(t, pub_total) and near_published(a, pub_active), (t, pub_total, a, pub_active)
+
+
+@contextlib.contextmanager
+def single_thread():
+    """One intra-op thread, for tiny models: two threads on a busy 2-core machine spin against each other and make
+    tiny matmuls ten times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 PROSE = ("The old harbour town woke slowly under a grey sky. Fishermen mended their nets on the quay while gulls "

@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from llama import Llama
+from llama.errors import ConfigError
+from upcycle import UpcycleOptions, upcycle_model
 
 from helpers import one_line_error, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def left_behind(dst) -> list[str]:
@@ -76,6 +80,8 @@ def test_more_donors_than_experts_and_options_that_need_donors(donors, tmp_path,
         capsys, tmp_path, "--donors", *paths, "--positive-prompts", "0:x")
     assert f"SRC {base} given with --donors" in one_line_error(capsys, "upcycle", base, tmp_path / "x", "--donors",
                                                                *paths)
+    with pytest.raises(ConfigError, match="upcycle_model upcycles one live model"):
+        upcycle_model(Llama(tiny_llama()), UpcycleOptions(donors=paths))
     no_tokenizer = tmp_path / "bare"
     shutil.copytree(base, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))
     assert f"{no_tokenizer}: no tokenizer.json; --router-init hidden reads the prompts with the base's tokenizer" in \

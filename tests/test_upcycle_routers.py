@@ -10,6 +10,8 @@ from llama.checkpoint import CheckpointReader
 from upcycle import UpcycleOptions
 from upcycle.routers import prompt_routers, tokenize
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 POSITIVE = ["0:def f(x):", "0:return x + 1", "1:The old harbour town.", "2:3 + 4 = 7", "2:12 * 2 = 24",
             "shared:Hello there"]
 NEGATIVE = ["0:The ships came home.", "2:def g(y):"]

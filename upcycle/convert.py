@@ -336,6 +336,9 @@ def upcycle_model(dense_model: Llama, options: UpcycleOptions | None = None):
     from moe.model import MoEForCausalLM
 
     options = options or UpcycleOptions()
+    if options.donors:
+        raise ConfigError("upcycle_model upcycles one live model; merge donors from their checkpoint directories "
+                          "with upcycle(None, dst, options)")
     device = next(dense_model.parameters()).device
     tensors = {n: t.detach().cpu() for n, t in dense_model.checkpoint_tensors()}
     source = StateDictReader(dense_model.config.to_dict(), tensors)
