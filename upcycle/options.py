@@ -30,11 +30,12 @@ DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
 @dataclass
 class UpcycleOptions:
-    """upcycle a dense Llama checkpoint into an MoE checkpoint
+    """upcycle a dense Llama checkpoint into an MoE checkpoint, or merge several into one
 
     Upcycle a dense Hugging Face Llama checkpoint directory into a Mixtral or Qwen2-MoE checkpoint directory,
     streaming tensor by tensor (memory stays near one tensor), then check the MoE computes the dense function (copy,
-    granular, shared experts)."""
+    granular, shared experts). With --donors (or a mergekit-moe recipe, --config FILE DST), expert e is donor e's FFN,
+    routers may be set from prompts, and each expert is checked against its donor."""
 
     donors: list[str] | None = option(None, "dense checkpoints (fine-tunes of one base) whose FFNs become the "
                                       "experts, in order: expert e of every MoE layer is donor e's FFN (give DST "

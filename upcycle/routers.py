@@ -60,7 +60,7 @@ def tokenize(directory: str, options: UpcycleOptions, vocab_size: int, negatives
         raise ConfigError(f"{directory}/tokenizer.json gives token id {int(ids.max())}; the model's vocab_size is "
                           f"{vocab_size}")
     prompts = Prompts(ids, own, keys, signs)
-    for key in dict.fromkeys(keys):
+    for key in dict.fromkeys(k for k, s in zip(keys, signs) if s > 0):
         if not own[[p for p, k in enumerate(keys) if k == key and signs[p] > 0]].any():
             raise ConfigError(f"--positive-prompts: expert {key}'s prompts have no tokens of their own")
     return prompts
@@ -119,6 +119,8 @@ def routing_shares(moe: str, options: UpcycleOptions, progress: bool = False) ->
     try:
         prompts = tokenize(moe, options, checkpoint.config.vocab_size, negatives=False)
         keep = [p for p, k in enumerate(prompts.keys) if k != "shared"]
+        if not keep:
+            return {}
         ids, own, keys = prompts.ids[keep], prompts.own[keep], [prompts.keys[p] for p in keep]
         hits, total = torch.zeros(len(options.donors)), torch.zeros(len(options.donors))
         owner = torch.tensor(keys)[:, None]  # [P, 1]
