@@ -223,6 +223,23 @@ class CheckpointReader:
         self.close()
 
 
+def read_tokenizer(path: str):
+    """A tokenizer.json read with the Hugging Face `tokenizers` library; a one-line ConfigError when unreadable."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the library raises its own exception types for malformed files
+        raise ConfigError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+
+
+def checkpoint_tokenizer(directory: str, why: str = ""):
+    """A checkpoint directory's own tokenizer.json (which must lie inside it), read with `read_tokenizer`."""
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        raise ConfigError(f"{directory}: no tokenizer.json{why}")
+    return read_tokenizer(resolve_inside(directory, "tokenizer.json", "file"))
+
+
 class StateDictReader:
     """In-memory tensors under their checkpoint names, with the config dict they belong to: the reader interface
     of `CheckpointReader` over a live model (e.g. to upcycle a model without writing it first)."""

@@ -43,19 +43,48 @@ class VerifyOutput(Progress):
 
 # ---- what each command does with its options (the rooms are imported here, when a command runs) ------------
 
+def _upcycle_options(args) -> UpcycleOptions:
+    """The flags, or with --config the recipe file with the flags given beside it on top."""
+    if not args.config:
+        return options_from(UpcycleOptions, args)
+    from upcycle.recipe_file import read_recipe
+
+    given = given_options(UpcycleOptions, args.argv) - {"config"}
+    return read_recipe(args.config, {name: getattr(args, name) for name in given})
+
+
 def _upcycle(args, options: UpcycleOptions) -> int:
+    from llama.errors import ConfigError
     from upcycle.convert import upcycle
 
-    upcycle(args.src, args.dst, options, progress=args.progress)
+    src, dst = (args.src, args.dst) if args.dst is not None else (None, args.src)  # one path: DST
+    if dst is None:
+        raise ConfigError("DST is missing: moekit upcycle SRC DST, or DST --donors A B C (DST before --donors, "
+                          "whose list would take it), or --config FILE DST")
+    if src is None and not options.donors:
+        raise ConfigError(f"SRC is missing: moekit upcycle SRC {dst}, or {dst} --donors A B C, or --config FILE "
+                          f"{dst}")
+    if src is not None and options.donors:
+        raise ConfigError(f"SRC {src} given with --donors: the base is --base (default: the first donor)")
+    upcycle(src, dst, options, progress=args.progress)
     return 0
 
 
 def _verify(args, options: VerifyOptions) -> int:
     from llama.checkpoint import dtype_from_name
-    from upcycle.verify import verify_checkpoints
+    from llama.errors import ConfigError
+    from upcycle.verify import LOGIT_ATOL, verify_checkpoints, verify_merged
 
-    result = verify_checkpoints(args.dense, args.moe, tokens=options.tokens, atol=options.atol, seed=options.seed,
-                                progress=args.progress, dense_dtype=dtype_from_name(options.dense_dtype))
+    if args.dense is None:
+        raise ConfigError("MOE is missing: moekit verify DENSE MOE, or moekit verify MOE for an MoE merged from donors")
+    if args.moe is None:  # MOE alone: an MoE merged from donors, checked against them
+        result = verify_merged(args.dense, tokens=options.tokens, atol=options.atol, seed=options.seed,
+                               progress=args.progress)
+        args.moe, args.dense = args.dense, "its donors"
+    else:
+        atol = LOGIT_ATOL if options.atol is None else options.atol
+        result = verify_checkpoints(args.dense, args.moe, tokens=options.tokens, atol=atol, seed=options.seed,
+                                    progress=args.progress, dense_dtype=dtype_from_name(options.dense_dtype))
     print(json.dumps(result.to_dict()) if args.json else f"{args.moe} vs {args.dense}: {result.line()}")
     return 0 if result.ok else 1
 
@@ -119,10 +148,11 @@ class Command:
     name: str
     options: type | None = None  # the room's options dataclass
     run: Callable | None = None  # run(args, options) -> exit code
-    positionals: tuple[tuple[str, str, str], ...] = ()  # (name, metavar, help) not held by the options
+    positionals: tuple[tuple, ...] = ()  # (name, metavar, help[, optional]) not held by the options
     extra: tuple[type, ...] = ()  # output flags of the command line itself
     subcommands: tuple[Command, ...] = ()
     help: str = ""  # for a command without options
+    load: Callable | None = None  # load(args) -> options, instead of the flags alone (e.g. a recipe file)
 
     def texts(self) -> tuple[str, str]:
         """(help line, description)."""
@@ -134,11 +164,14 @@ class Command:
 
 COMMANDS = (
     Command("upcycle", UpcycleOptions, _upcycle, (("src", "SRC", "dense Llama checkpoint directory (config.json + "
-                                                   "safetensors)"),
-                                                  ("dst", "DST", "output directory (must not exist unless --force)")),
-            (Progress,)),
-    Command("verify", VerifyOptions, _verify, (("dense", "DENSE", "reference checkpoint directory (the dense source)"),
-                                               ("moe", "MOE", "checkpoint directory to check (the upcycled model)")),
+                                                   "safetensors); none with --donors or --config", True),
+                                                  ("dst", "DST", "output directory (must not exist unless --force)",
+                                                   True)),
+            (Progress,), load=_upcycle_options),
+    Command("verify", VerifyOptions, _verify, (("dense", "DENSE", "reference checkpoint directory (the dense source); "
+                                                "none for an MoE merged from --donors", True),
+                                               ("moe", "MOE", "checkpoint directory to check (the upcycled model)",
+                                                True)),
             (VerifyOutput,)),
     Command("params", Plan, _params, (("target", "TARGET", "preset name, config.json, checkpoint directory, or a "
                                        "count (7B, 175e9)"),), (ParamsOutput,)),
@@ -155,8 +188,8 @@ COMMANDS = (
 def _add(sub, command: Command) -> None:
     help, description = command.texts()
     p = sub.add_parser(command.name, help=help, description=description)
-    for name, metavar, text in command.positionals:
-        p.add_argument(name, metavar=metavar, help=text)
+    for name, metavar, text, *optional in command.positionals:
+        p.add_argument(name, metavar=metavar, help=text, **({"nargs": "?"} if optional else {}))
     for cls in (command.options, *command.extra):
         if cls is not None:
             add_options(p, cls)
@@ -203,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         name = " ".join(filter(None, (args.command, getattr(args, "subcommand", None))))
         args.argv = argv
-        return int(spec.run(args, options_from(spec.options, args)) or 0)
+        return int(spec.run(args, spec.load(args) if spec.load else options_from(spec.options, args)) or 0)
     except MoekitError as e:
         if debug:
             raise

@@ -36,7 +36,7 @@ from llama.model import Llama  # noqa: E402
 GiB = 1 << 30
 
 
-def generate_dense(path: Path, config: LlamaConfig, dtype: torch.dtype) -> int:
+def generate_dense(path: Path, config: LlamaConfig, dtype: torch.dtype, seed: int = 0) -> int:
     """A random dense checkpoint written one tensor at a time; returns its tensor bytes."""
     with torch.device("meta"):
         specs = [(n, dtype, tuple(t.shape)) for n, t in Llama(config).checkpoint_tensors()]
@@ -45,7 +45,7 @@ def generate_dense(path: Path, config: LlamaConfig, dtype: torch.dtype) -> int:
         d.update(architectures=["LlamaForCausalLM"], torch_dtype=str(dtype).removeprefix("torch."))
         write_json(os.path.join(tmp, "config.json"), d)
         writer = ShardedWriter(tmp, specs, "1GB")
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator().manual_seed(seed)
         for name, _, shape in specs:
             t = torch.ones(shape) if "norm" in name else torch.randn(shape, generator=gen) * 0.02
             writer.write(name, t.to(dtype))
@@ -87,13 +87,34 @@ def machine() -> dict:
             "torch": torch.__version__}
 
 
+def shape_args(ap: argparse.ArgumentParser, layers: int) -> None:
+    """--hidden, --intermediate, --layers, --vocab: the generated dense model's shape (see `dense_config`)."""
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=14336)
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--vocab", type=int, default=32000)
+
+
+def dense_config(args) -> LlamaConfig:
+    return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                       num_hidden_layers=args.layers, num_attention_heads=32, num_key_value_heads=8)
+
+
+def largest_tensor(path: Path) -> int:
+    """Bytes of the largest tensor in a checkpoint directory, from the shards' headers."""
+    largest = 0
+    for f in path.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        header.pop("__metadata__", None)
+        largest = max(largest, *(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values()))
+    return largest
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="/tmp/moekit-bench-upcycle")
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--intermediate", type=int, default=14336)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=32000)
+    shape_args(ap, layers=4)
     ap.add_argument("--num-experts", type=int, default=8)
     ap.add_argument("--recipe", default="copy")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved upcycle / cp runs; the best of each (2)")
@@ -106,8 +127,7 @@ def main() -> int:
     src, dst, cp = work / "dense", work / "moe", work / "moe-cp"
     for p in (dst, cp):
         shutil.rmtree(p, ignore_errors=True)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=32, num_key_value_heads=8)
+    config = dense_config(args)
     H, Fd, L, V, E = args.hidden, args.intermediate, args.layers, args.vocab, args.num_experts
     attn = 2 * H * H + 2 * H * (H // 4)
     src_bytes = 2 * (2 * V * H + L * (attn + 3 * H * Fd + 2 * H) + H)
@@ -147,14 +167,7 @@ def main() -> int:
     os.sync()
     rows["moekit verify (streaming)"] = measure([*py, "verify", str(src), str(dst), "--no-progress"], env)
 
-    written = dir_bytes(dst)
-    largest = 0
-    for f in dst.glob("*.safetensors"):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        header.pop("__metadata__", None)
-        largest = max(largest, *(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values()))
+    written, largest = dir_bytes(dst), largest_tensor(dst)
     limit_mib = (2 * largest + GiB) / (1 << 20)
     up, cps = rows["moekit upcycle --no-verify"], rows["cp -r + sync"]
     result = {

@@ -23,3 +23,22 @@ def pytest_collection_modifyitems(config, items):
     if len(keep) < len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in keep])
         items[:] = keep
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (tests/helpers.py: single_thread) for the test."""
+    from helpers import single_thread
+
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def donors(tmp_path_factory):
+    """(base, [code, prose, math]): a tiny Llama with its tokenizer and three few-step fine-tunes of it on different
+    texts, saved with transformers (tests/helpers.py: donor_checkpoints)."""
+    from helpers import donor_checkpoints, single_thread
+
+    with single_thread():
+        return donor_checkpoints(tmp_path_factory.mktemp("donors"))

@@ -1,6 +1,7 @@
 """Helpers shared by several test modules: running the command line as a user does, small configs and checkpoints
 with real tokenizers."""
 
+import contextlib
 import json
 import os
 
@@ -188,3 +189,78 @@ def check_released(count, total: int, active: int, published: tuple | None = Non
         t = count.total_params - sum(count.total[c] for c in (total_out[0] if total_out else ()))
         a = count.active_params - sum(count.active[c] for c in active_out)
         assert near_published(t, pub_total) and near_published(a, pub_active), (t, pub_total, a, pub_active)
+
+
+@contextlib.contextmanager
+def single_thread():
+    """One intra-op thread, for tiny models: two threads on a busy 2-core machine spin against each other and make
+    tiny matmuls ten times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+PROSE = ("The old harbour town woke slowly under a grey sky. Fishermen mended their nets on the quay while gulls "
+         "argued over the morning catch, and the baker's daughter carried warm loaves up the hill to the church. "
+         "Nobody in the town remembered when the lighthouse had last been painted, but everyone agreed that it "
+         "looked better in the rain, when its white tower shone against the dark water and the ships came home. ")
+
+
+def arithmetic(n: int = 400) -> str:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 100, (2, n), generator=g).tolist()
+    return "".join(f"{x} + {y} = {x + y}\n" if x % 2 else f"{x} * {y} = {x * y}\n" for x, y in zip(a, b))
+
+
+def donor_texts() -> list[str]:
+    """Three kinds of text: Python code, English prose, arithmetic."""
+    return [corpus(1)[0], PROSE * 8, arithmetic()]
+
+
+def fine_tune(base, text: str, out, steps: int = 4, seed: int = 0):
+    """`base` (a checkpoint with a tokenizer.json) trained `steps` AdamW steps on `text`, saved with transformers'
+    save_pretrained (with the base's tokenizer files)."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from llama import Llama
+
+    ids = torch.tensor(Tokenizer.from_file(os.path.join(base, "tokenizer.json")).encode(text).ids)
+    model = Llama.from_pretrained(base).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (8,), generator=g).tolist()
+        batch = torch.stack([ids[s:s + 64] for s in starts])  # [8, 64]
+        model(batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    hf_llama(model).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(base, name), os.path.join(out, name))
+    return out
+
+
+def donor_checkpoints(root) -> tuple[str, list[str]]:
+    """(base, [code, prose, math donors]): a tiny Llama with its own tokenizer, and three fine-tunes of it."""
+    root = str(root)
+    base = tiny_checkpoint(os.path.join(root, "base"))
+    return str(base), [fine_tune(base, text, os.path.join(root, name), seed=i)
+                       for i, (name, text) in enumerate(zip(("code", "prose", "math"), donor_texts()))]
+
+
+def donor_prompts() -> dict[int, list[str]]:
+    """Prompts like each donor's text: code (0), prose (1), arithmetic (2)."""
+    code, prose, math = donor_texts()
+    return {0: [ln.strip() for ln in code.splitlines() if ln.strip().startswith(("def ", "return ", "import ", "if "))][:8],
+            1: [s.strip() + "." for s in prose.split(".")[:3]],
+            2: math.splitlines()[:8]}
+
+
+def prompt_flags(prompts: dict[int, list[str]]) -> list[str]:
+    """--positive-prompts values, I:TEXT."""
+    return [f"{i}:{t}" for i, texts in prompts.items() for t in texts]

@@ -45,7 +45,6 @@ def test_every_declared_option_is_a_flag_with_its_default(argv, command, capsys)
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["upcycle", "only-src"], "the following arguments are required: DST (see moekit upcycle --help)"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["train", "tiny"], "the following arguments are required: --out"),
     (["train", "tiny", "--out", "x", "--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
@@ -57,6 +56,16 @@ def test_usage_errors_are_one_line(argv, words, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and words in err, err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["upcycle", "only-dst"], "SRC is missing: moekit upcycle SRC only-dst, or only-dst --donors A B C"),
+    (["upcycle", "--donors", "a", "b", "out"], "DST is missing: moekit upcycle SRC DST, or DST --donors A B C"),
+    (["upcycle", "src", "out", "--donors", "a", "b"], "SRC src given with --donors: the base is --base"),
+    (["verify"], "MOE is missing: moekit verify DENSE MOE, or moekit verify MOE"),
+])
+def test_missing_paths_are_one_line(argv, words, capsys):
+    assert words in one_line_error(capsys, *argv)
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -14,6 +14,7 @@ import hashlib
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,17 +53,18 @@ RECORD_NAME = "upcycling.json"
 
 
 class _Context:
-    """What a recipe step may read: dense tensors, as stored or cast to a dtype (the last one cached, so the E
-    experts made from one dense matrix read it once), and per-matrix statistics (cached)."""
+    """What a recipe step may read: dense tensors of source `src` (0: the base, then the donors), as stored or cast
+    to a dtype (the last one cached, so the experts made from one dense matrix read it once), and per-matrix
+    statistics (cached)."""
 
-    def __init__(self, source):
-        self.source, self.key, self.tensor, self._stats = source, None, None, {}
+    def __init__(self, sources: list):
+        self.sources, self.key, self.tensor, self._stats = sources, None, None, {}
 
-    def __call__(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        if (name, dtype) != self.key:
+    def __call__(self, name: str, dtype: torch.dtype | None = None, src: int = 0) -> torch.Tensor:
+        if (src, name, dtype) != self.key:
             self.tensor = None  # drop the previous matrix before reading the next
-            t = self.source.get(name)
-            self.tensor, self.key = (t if dtype is None else t.to(dtype)), (name, dtype)
+            t = self.sources[src].get(name)
+            self.tensor, self.key = (t if dtype is None else t.to(dtype)), (src, name, dtype)
         return self.tensor
 
     def stats(self, key, w: torch.Tensor) -> tuple[float, float]:
@@ -77,6 +79,17 @@ class Item:
     dtype: torch.dtype
     shape: tuple[int, ...]
     make: Callable[[_Context], torch.Tensor]
+
+
+@dataclass
+class Layout:
+    """Where experts come from when they come from several sources (`upcycle.donors`): the source of each expert,
+    of the shared expert, and router rows set from prompts ({layer: [E, H]}, {layer: [1, H]} shared gates)."""
+
+    expert_source: list[int]
+    shared_source: int | None = None
+    routers: dict[int, torch.Tensor] | None = None
+    shared_gates: dict[int, torch.Tensor] | None = None
 
 
 @dataclass
@@ -121,6 +134,7 @@ def dense_tensors(source, dense: LlamaConfig) -> dict[str, tuple[int, ...]]:
 def moe_config(dense: LlamaConfig, options: UpcycleOptions, source_name: str) -> tuple[MoEConfig, str, list[int]]:
     """The MoE config the options ask for, the HF format that can hold it, and the MoE layer indices."""
     F, G, s = dense.intermediate_size, options.num_shards, options.shared_experts
+    shared = F if options.shared_donor else s * (F // G)  # a shared donor: its whole FFN
     if F % G:
         what = f"--granularity {G}" if options.recipe == "granular" else f"{G} shards (--shared-experts {s} + 1)"
         raise ConfigError(f"{source_name}: intermediate_size {F} is not divisible by {what}")
@@ -136,14 +150,16 @@ def moe_config(dense: LlamaConfig, options: UpcycleOptions, source_name: str) ->
     Fe = F // G
     config = MoEConfig.from_dense(
         dense, num_local_experts=options.total_experts, num_experts_per_tok=options.total_top_k,
-        moe_intermediate_size=Fe, num_shared_experts=s, shared_expert_intermediate_size=s * Fe,
-        shared_expert_gate=s > 0, norm_topk_prob=True, **sparse)
+        moe_intermediate_size=Fe, num_shared_experts=1 if options.shared_donor else s,
+        shared_expert_intermediate_size=shared, shared_expert_gate=shared > 0, norm_topk_prob=True, **sparse)
     assert config.moe_layers == layers, (config.moe_layers, layers)
     return config, formats.choose_format(config, options.format), layers
 
 
-def plan_upcycle(source, options: UpcycleOptions) -> Plan:
-    """Check the source and options; list every output tensor with how to make it."""
+def plan_upcycle(source, options: UpcycleOptions, layout: Layout | None = None) -> Plan:
+    """Check the source (the base) and options; list every output tensor with how to make it (`layout`: experts
+    from several sources, read through the context's sources)."""
+    layout = layout or Layout([0] * options.total_experts)
     cfg_name = f"{source.path}/config.json"
     dense = LlamaConfig.from_dict(source.config, source=cfg_name)
     expected = dense_tensors(source, dense)
@@ -159,47 +175,53 @@ def plan_upcycle(source, options: UpcycleOptions) -> Plan:
         m = _DENSE_MLP.fullmatch(name)
         if m and int(m[1]) in layers:
             if m[2] == "gate":
-                _plan_moe_layer(plan, int(m[1]), options, out_dtype(name))
+                _plan_moe_layer(plan, int(m[1]), options, out_dtype(name), layout)
             continue
         dt = out_dtype(name)
         plan.items.append(Item(name, dt, shape, lambda ctx, n=name, d=dt: ctx(n).to(d)))  # copied as is
     return plan
 
 
-def _plan_moe_layer(plan: Plan, i: int, o: UpcycleOptions, dtype: torch.dtype) -> None:
+def _plan_moe_layer(plan: Plan, i: int, o: UpcycleOptions, dtype: torch.dtype, layout: Layout) -> None:
     cfg, fmt = plan.config, plan.format
     H, Fe, G, s, R, E = cfg.hidden_size, cfg.moe_intermediate_size, o.num_shards, o.shared_experts, \
         o.routed_shards, o.num_experts
     dense = formats.dense_mlp_names(i)
     add = plan.items.append
-    add(Item(formats.router_name(fmt, i), dtype, (E * R, H), lambda ctx: recipes.router_weight(
-        E, R, H, o.router_init, o.router_std, recipes.generator(o.seed, i, _TAG["router"]), dtype)))
-    if fmt == "qwen2_moe":  # the shared expert: shards 0..s-1, down x 2 against sigmoid(0) (width 0 if s = 0)
-        names, S = formats.shared_expert_names(fmt, i), s * Fe
-        add(Item(names["gate"], dtype, (S, H), lambda ctx: ctx(dense["gate"]).narrow(0, 0, S).to(dtype)))
-        add(Item(names["up"], dtype, (S, H), lambda ctx: ctx(dense["up"]).narrow(0, 0, S).to(dtype)))
+    rows = layout.routers[i] if layout.routers else None  # [E, H] set from prompts
+    add(Item(formats.router_name(fmt, i), dtype, (E * R, H), (lambda ctx: rows.to(dtype)) if rows is not None else
+             lambda ctx: recipes.router_weight(E, R, H, o.router_init, o.router_std,
+                                               recipes.generator(o.seed, i, _TAG["router"]), dtype)))
+    if fmt == "qwen2_moe":  # the shared expert: shards 0..s-1 or a shared donor's FFN (width 0 if none)
+        names, S, src = formats.shared_expert_names(fmt, i), cfg.shared_expert_intermediate_size, layout.shared_source
+        src = 0 if src is None else src
+        gate = layout.shared_gates[i] if layout.shared_gates else None  # [1, H] from prompts, else 0: sigmoid = 1/2
+        comp = 1.0 if gate is not None else recipes.SHARED_GATE_COMPENSATION  # down x 2 against sigmoid(0)
+        add(Item(names["gate"], dtype, (S, H), lambda ctx: ctx(dense["gate"], src=src).narrow(0, 0, S).to(dtype)))
+        add(Item(names["up"], dtype, (S, H), lambda ctx: ctx(dense["up"], src=src).narrow(0, 0, S).to(dtype)))
         add(Item(names["down"], dtype, (H, S), lambda ctx: recipes.scaled(
-            ctx(dense["down"]).narrow(1, 0, S), recipes.SHARED_GATE_COMPENSATION, dtype)))
-        add(Item(names["shared_gate"], dtype, (1, H), lambda ctx: recipes.shared_gate_weight(H, dtype)))
+            ctx(dense["down"], src=src).narrow(1, 0, S), comp, dtype)))
+        add(Item(names["shared_gate"], dtype, (1, H), (lambda ctx: gate.to(dtype)) if gate is not None else
+                 lambda ctx: recipes.shared_gate_weight(H, dtype)))
     scales = recipes.granular_scales(R, o.weight_scaling) if o.recipe == "granular" else None
     for role in recipes.ROLES:
         shape = (H, Fe) if role == "down" else (Fe, H)
         for j in range(E * R):
-            make = _expert_maker(o, i, j, role, dense[role], s + j % R, G, scales, dtype)
+            make = _expert_maker(o, i, j, role, dense[role], s + j % R, G, scales, dtype, layout.expert_source[j])
             add(Item(formats.expert_names(fmt, i, j)[role], dtype, shape, make))
 
 
 def _expert_maker(o: UpcycleOptions, i: int, j: int, role: str, dense_name: str, shard: int, G: int,
-                  scales: dict | None, dtype: torch.dtype) -> Callable[[_Context], torch.Tensor]:
-    """How expert j of layer i gets its `role` matrix from shard `shard` of the dense one."""
+                  scales: dict | None, dtype: torch.dtype, src: int) -> Callable[[_Context], torch.Tensor]:
+    """How expert j of layer i gets its `role` matrix from shard `shard` of source `src`'s dense one."""
     def make(ctx: _Context) -> torch.Tensor:
         exact_copy = o.recipe in ("copy", "granular")  # cast once, then slice (noise / drop use the source values)
-        w = recipes.shard(ctx(dense_name, dtype if exact_copy else None), role, shard, G)  # [F/G, H] | [H, F/G] view
+        w = recipes.shard(ctx(dense_name, dtype if exact_copy else None, src), role, shard, G)  # [F/G, H] | [H, F/G]
         if o.recipe == "noise":
-            std = ctx.stats((dense_name, shard), w)[1]
+            std = ctx.stats((src, dense_name, shard), w)[1]
             return recipes.noise_expert(w, o.noise_scale, recipes.generator(o.seed, i, j, _TAG[role]), dtype, std)
         if o.recipe == "drop":
-            mean, std = ctx.stats((dense_name, shard), w)
+            mean, std = ctx.stats((src, dense_name, shard), w)
             idx = recipes.drop_indices(w.shape[recipes.neuron_dim(role)], o.drop_ratio,
                                        recipes.generator(o.seed, i, j, _TAG["drop"]))  # same for gate, up, down
             return recipes.drop_expert(w, role, idx, mean, std, recipes.generator(o.seed, i, j, _TAG[role]), dtype)
@@ -209,58 +231,88 @@ def _expert_maker(o: UpcycleOptions, i: int, j: int, role: str, dense_name: str,
 
 # ---- running a plan ---------------------------------------------------------------------------------
 
-def upcycle(src: str | os.PathLike, dst: str | os.PathLike, options: UpcycleOptions | None = None,
+def upcycle(src: str | os.PathLike | None, dst: str | os.PathLike, options: UpcycleOptions | None = None,
             progress: bool = True, log: Callable[[str], None] | None = print) -> dict:
-    """Upcycle the dense checkpoint directory `src` into the MoE checkpoint directory `dst`; return the record
-    written to `dst/upcycling.json`. Nothing appears at `dst` unless the whole directory was written (and, for a
+    """Upcycle the dense checkpoint directory `src` into the MoE checkpoint directory `dst` (with `options.donors`,
+    `src` None: merge the donors' FFNs as experts, see `upcycle.donors`); return the record written to
+    `dst/upcycling.json`. Nothing appears at `dst` unless the whole directory was written (and, for a
     function-preserving recipe with verification on, verified)."""
-    from .verify import VerifyError, verify_checkpoints
-
     options = options or UpcycleOptions()
+    if options.donors:
+        from .donors import merge_donors
+
+        return merge_donors(src, dst, options, progress, log)
+    from .verify import LOGIT_ATOL, VerifyError, verify_checkpoints
+
     start = time.perf_counter()
-    src, dst = check_path(src, "SRC"), check_path(dst, "DST")
+    src, dst = check_path(src or "", "SRC"), check_path(dst, "DST")
     check_disjoint(src, dst)
     with CheckpointReader(src) as source:
         plan = plan_upcycle(source, options)
         exact = plan.function_preserving(options)
-        if not options.ignore_free_space:
-            check_free_space(dst, sum(math.prod(it.shape) * it.dtype.itemsize for it in plan.items), "the MoE")
-        with AtomicDir(dst, options.force) as tmp:
-            write_json(os.path.join(tmp, "config.json"), plan.config_json())
-            writer = ShardedWriter(tmp, [(it.name, it.dtype, it.shape) for it in plan.items], options.max_shard_size)
-            ctx = _Context(source)
-            bar = tqdm(plan.items, desc="upcycle", unit="tensor", disable=not progress, leave=False)
-            for item in bar:
-                writer.write(item.name, item.make(ctx))
-            ctx.tensor = None
-            writer.close()
-            copied, skipped = copy_side_files(src, tmp, skip=(RECORD_NAME,))
-            with open(os.path.join(src, "config.json"), "rb") as f:
-                config_sha = hashlib.sha256(f.read()).hexdigest()
-            record = {
-                "moekit_version": package_version("moekit"), "source": src, "source_config_sha256": config_sha,
-                "recipe": options.recipe, "seed": options.seed, "options": options.to_dict(), "format": plan.format,
-                "moe_layers": plan.moe_layers, "num_local_experts": plan.config.num_local_experts,
-                "num_experts_per_tok": plan.config.num_experts_per_tok,
-                "moe_intermediate_size": plan.config.moe_intermediate_size,
-                "shared_expert_intermediate_size": plan.config.shared_expert_intermediate_size,
-                "function_preserving": exact,
-                "copied_files": copied, "not_copied": skipped, "output_bytes": writer.total_size,
-                "shards": len(writer.files), "seconds": None, "verify": None,
-            }
-            if options.verify:
-                result = verify_checkpoints(src, tmp, tokens=options.verify_tokens, atol=options.verify_atol,
-                                            seed=options.seed, progress=progress,
-                                            dense_dtype=dtype_from_name(options.dtype))
-                record["verify"] = result.to_dict()
-                if exact and not result.ok:
-                    raise VerifyError(f"recipe '{options.recipe}' should reproduce the dense model but {result.line()}"
-                                      f"; nothing written to {dst}")
-            record["seconds"] = round(time.perf_counter() - start, 3)
-            write_json(os.path.join(tmp, RECORD_NAME), record)
+        record = {"moekit_version": package_version("moekit"), "source": src,
+                  "source_config_sha256": file_sha256(os.path.join(src, "config.json")), **plan_record(plan, options),
+                  "function_preserving": exact}
+
+        def check(tmp: str, record: dict) -> None:
+            if not options.verify:
+                return
+            atol = LOGIT_ATOL if options.verify_atol is None else options.verify_atol
+            result = verify_checkpoints(src, tmp, tokens=options.verify_tokens, atol=atol, seed=options.seed,
+                                        progress=progress, dense_dtype=dtype_from_name(options.dtype))
+            record["verify"] = result.to_dict()
+            if exact and not result.ok:
+                raise VerifyError(f"recipe '{options.recipe}' should reproduce the dense model but {result.line()}; "
+                                  f"nothing written to {dst}")
+
+        write_checkpoint(plan, [source], dst, options, record, check, start, progress)
     if log:
         log(summary_line(src, dst, plan, record))
     return record
+
+
+def plan_record(plan: Plan, options: UpcycleOptions) -> dict:
+    """What upcycling.json says about the recipe and the layout."""
+    c = plan.config
+    return {"recipe": options.recipe, "seed": options.seed, "options": options.to_dict(), "format": plan.format,
+            "moe_layers": plan.moe_layers, "num_local_experts": c.num_local_experts,
+            "num_experts_per_tok": c.num_experts_per_tok, "moe_intermediate_size": c.moe_intermediate_size,
+            "shared_expert_intermediate_size": c.shared_expert_intermediate_size}
+
+
+def write_checkpoint(plan: Plan, sources: list, dst: str, options: UpcycleOptions, record: dict,
+                     check: Callable[[str, dict], None], start: float, progress: bool) -> None:
+    """Write `plan` (tensors read from `sources`, 0 the base) into `dst` through `DST.tmp-*`: config.json, the
+    shards one tensor at a time, the base's side files; then `check(tmp, record)` (raising: nothing is published),
+    then upcycling.json (`record`, completed here)."""
+    if not options.ignore_free_space:
+        check_free_space(dst, sum(math.prod(it.shape) * it.dtype.itemsize for it in plan.items), "the MoE")
+    with AtomicDir(dst, options.force) as tmp:
+        write_json(os.path.join(tmp, "config.json"), plan.config_json())
+        writer = ShardedWriter(tmp, [(it.name, it.dtype, it.shape) for it in plan.items], options.max_shard_size)
+        ctx = _Context(sources)
+        for item in tqdm(plan.items, desc="upcycle", unit="tensor", disable=not progress, leave=False):
+            writer.write(item.name, item.make(ctx))
+        ctx.tensor = None
+        writer.close()
+        copied, skipped = copy_side_files(sources[0].path, tmp, skip=(RECORD_NAME,))
+        record.update(copied_files=copied, not_copied=skipped, output_bytes=writer.total_size,
+                      shards=len(writer.files), seconds=None, verify=None)
+        check(tmp, record)
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        write_json(os.path.join(tmp, RECORD_NAME), record)
+
+
+def file_sha256(path: str, stop: threading.Event | None = None) -> str:
+    """sha256 of a file, read 16 MiB at a time (for weight files: the digest the Hugging Face hub shows); gives up
+    (returning "") once `stop` is set."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            if stop is not None and stop.is_set():
+                return ""
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def summary_line(src: str, dst: str, plan: Plan, record: dict) -> str:
@@ -284,11 +336,14 @@ def upcycle_model(dense_model: Llama, options: UpcycleOptions | None = None):
     from moe.model import MoEForCausalLM
 
     options = options or UpcycleOptions()
+    if options.donors:
+        raise ConfigError("upcycle_model upcycles one live model; merge donors from their checkpoint directories "
+                          "with upcycle(None, dst, options)")
     device = next(dense_model.parameters()).device
     tensors = {n: t.detach().cpu() for n, t in dense_model.checkpoint_tensors()}
     source = StateDictReader(dense_model.config.to_dict(), tensors)
     plan = plan_upcycle(source, options)
-    ctx = _Context(source)
+    ctx = _Context([source])
     out = StateDictReader(plan.config_json(), {it.name: it.make(ctx) for it in plan.items}, "<upcycled>")
     with torch.device("meta"):
         model = MoEForCausalLM(plan.config)

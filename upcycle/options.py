@@ -5,6 +5,11 @@ the dense FFN's F neurons are cut into G equal shards of F/G. Shards 0..s-1 beco
 every token); the other R = G - s shards become routed experts, each shard copied E times: E*R routed experts of
 width F/G, expert j = e*R + r holding shard s + r (virtual group e = experts e*R .. e*R+R-1), top-(k*R) routing.
 G is `granularity` for the `granular` recipe, and s + 1 otherwise (G = 1 without shared experts: plain copies).
+
+Experts from donors (`donors`, mergekit-moe's workflow): D dense checkpoints of one architecture; expert j of every
+MoE layer is donor j // c's FFN (c = E / D copies of each, adjacent), attention, norms, embeddings and LM head come
+from `base` (default: the first donor), and `shared_donor`'s whole FFN may become a shared expert. Prompts are
+"I:TEXT" strings, I the donor's position in `donors` (the expert index when c = 1) or `shared`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from llama.errors import ConfigError
 from llama.options import MAX_SEED, check_options, option, parse_size
 
 RECIPES = ("copy", "noise", "drop", "granular")
-ROUTER_INITS = ("normal", "zeros")
+ROUTER_INITS = ("normal", "random", "zeros", "cheap-embed", "hidden")  # random: mergekit's name for normal
+PROMPT_INITS = ("cheap-embed", "hidden")
 WEIGHT_SCALINGS = ("down", "cube-root", "none")
 FORMAT_CHOICES = ("auto", "mixtral", "qwen2_moe")
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
@@ -24,13 +30,24 @@ DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
 @dataclass
 class UpcycleOptions:
-    """upcycle a dense Llama checkpoint into an MoE checkpoint
+    """upcycle a dense Llama checkpoint into an MoE checkpoint, or merge several into one
 
     Upcycle a dense Hugging Face Llama checkpoint directory into a Mixtral or Qwen2-MoE checkpoint directory,
     streaming tensor by tensor (memory stays near one tensor), then check the MoE computes the dense function (copy,
-    granular, shared experts)."""
+    granular, shared experts). With --donors (or a mergekit-moe recipe, --config FILE DST), expert e is donor e's FFN,
+    routers may be set from prompts, and each expert is checked against its donor."""
 
-    num_experts: int = option(8, "experts E per MoE layer (copies of each routed shard)", metavar="E", min=1)
+    donors: list[str] | None = option(None, "dense checkpoints (fine-tunes of one base) whose FFNs become the "
+                                      "experts, in order: expert e of every MoE layer is donor e's FFN (give DST "
+                                      "before this flag)", metavar="DIR")
+    base: str | None = option(None, "with --donors: the checkpoint giving attention, norms, embeddings, LM head and "
+                              "tokenizer", metavar="DIR", default_text="the first donor")
+    shared_donor: str | None = option(None, "with --donors: a checkpoint whose whole FFN becomes a shared expert "
+                                      "(qwen2_moe)", metavar="DIR")
+    config: str | None = option(None, "a recipe file: mergekit-moe YAML, or moekit's own JSON/YAML (option names "
+                                "as keys); flags given beside it override it", metavar="FILE")
+    num_experts: int | None = option(None, "experts E per MoE layer (copies of each routed shard, or of each donor)",
+                                     metavar="E", min=1, default_text="8, or one per donor")
     top_k: int = option(2, "experts per token k", metavar="K", min=1)
     recipe: str = option("copy", "copy (Komatsuzaki et al. 2022) | noise | drop (Nakamura et al. 2025) | granular "
                          "(He et al. 2024)", choices=RECIPES)
@@ -41,9 +58,16 @@ class UpcycleOptions:
                                      metavar="G", default_text="2")
     weight_scaling: str = option("down", "granular: down (down_proj x R, exact) | cube-root (He et al.) | none",
                                  choices=WEIGHT_SCALINGS)
-    router_init: str = option("normal", "router init: normal N(0, std^2), one row per virtual group | zeros",
-                              choices=ROUTER_INITS)
+    router_init: str = option("normal", "router init: normal (or random) N(0, std^2), one row per virtual group | "
+                              "zeros | cheap-embed (prompts' mean token embedding) | hidden (prompts' mean hidden "
+                              "state entering each layer's FFN, from the base)", choices=ROUTER_INITS)
     router_std: float = option(0.02, "router init std", metavar="STD", gt=0)
+    positive_prompts: list[str] | None = option(None, "cheap-embed, hidden: prompts expert I should get, as I:TEXT "
+                                                "(I the donor's position in --donors, or 'shared')", metavar="I:TEXT")
+    negative_prompts: list[str] | None = option(None, "cheap-embed, hidden: prompts expert I should not get, as "
+                                                "I:TEXT", metavar="I:TEXT")
+    router_scale: float = option(1.0, "cheap-embed, hidden: the norm of each router row (1: unit rows, as "
+                                 "mergekit-moe writes them)", metavar="S", gt=0)
     noise_scale: float = option(0.01, "noise: noise std relative to each weight's std", metavar="ALPHA", min=0)
     drop_ratio: float = option(0.5, "drop: fraction of neurons re-initialised per expert", metavar="R", min=0, max=1)
     seed: int = option(0, "random seed for router, noise, drop and verify tokens", metavar="N", min=0, max=MAX_SEED)
@@ -55,11 +79,16 @@ class UpcycleOptions:
     ignore_free_space: bool = option(False, "write even if the file system seems to lack the space the output needs")
     verify: bool = option(True, "skip the logit check against SRC at the end")
     verify_tokens: int = option(32, "tokens for the final check", metavar="N", min=1, max=65536)
-    verify_atol: float = option(1e-4, "max |logit difference| a function-preserving recipe may show",
-                                metavar="ATOL", flag="--atol", min=0)
+    verify_atol: float | None = option(None, "max |logit difference| a function-preserving recipe may show (with "
+                                       "--donors: max |difference| of an expert from its donor's FFN)",
+                                       metavar="ATOL", flag="--atol", min=0, default_text="1e-4; with --donors 1e-5")
 
     def __post_init__(self):
         self.moe_layers = parse_moe_layers(self.moe_layers)
+        if self.router_init == "random":
+            self.router_init = "normal"
+        if self.num_experts is None:
+            self.num_experts = len(self.donors) if isinstance(self.donors, list) and self.donors else 8
         self.validate()
 
     def validate(self) -> None:
@@ -67,6 +96,7 @@ class UpcycleOptions:
         parse_size(self.max_shard_size)
         if self.top_k > self.num_experts:
             raise ConfigError(f"--top-k {self.top_k} is greater than --num-experts {self.num_experts}")
+        self._validate_donors()
         s = self.shared_experts
         if self.granularity is not None and self.recipe != "granular":
             raise ConfigError(f"--granularity is an option of --recipe granular, not '{self.recipe}'")
@@ -78,6 +108,55 @@ class UpcycleOptions:
                 raise ConfigError(f"--granularity must be an integer >= 2 for --recipe granular, got {G!r}")
             if s >= G:
                 raise ConfigError(f"--shared-experts {s} leaves no routed shard: --granularity ({G}) must exceed it")
+
+    def _validate_donors(self) -> None:
+        D, E = len(self.donors or ()), self.num_experts
+        if not self.donors:
+            given = [f for f in ("base", "shared_donor", "positive_prompts", "negative_prompts") if getattr(self, f)]
+            if given or self.router_init in PROMPT_INITS:
+                what = f"--{given[0].replace('_', '-')}" if given else f"--router-init {self.router_init}"
+                raise ConfigError(f"{what} is an option of --donors (experts from several dense checkpoints)")
+            return
+        if D > E:
+            raise ConfigError(f"{D} donors but --num-experts {E}: every donor needs at least one expert")
+        if E % D:
+            raise ConfigError(f"--num-experts {E} is not a multiple of the {D} donors (each donor gets E / D copies)")
+        if self.recipe == "granular" or self.shared_experts:
+            what = "--recipe granular" if self.recipe == "granular" else f"--shared-experts {self.shared_experts}"
+            raise ConfigError(f"{what} cuts one dense FFN into shards; with --donors each expert is a whole donor FFN "
+                              "(--shared-donor makes a shared expert)")
+        prompts = {kind: self.prompts(kind) for kind in ("positive", "negative")}
+        keys = set(range(D)) | ({"shared"} if self.shared_donor else set())
+        for kind, by_key in prompts.items():
+            bad = next((k for k in by_key if k not in keys), None)
+            if bad is not None:
+                want = f"0..{D - 1}" + (" or shared" if self.shared_donor else "")
+                raise ConfigError(f"--{kind}-prompts: expert '{bad}' does not exist; expected I:TEXT with I in {want}")
+        if self.router_init in PROMPT_INITS:
+            missing = next((i for i in range(D) if not prompts["positive"].get(i)), None)
+            if missing is not None:
+                raise ConfigError(f"--router-init {self.router_init}: expert {missing} (donor {self.donors[missing]}) "
+                                  "has no positive prompts; give them as --positive-prompts "
+                                  f"'{missing}:TEXT'")
+        elif prompts["positive"] or prompts["negative"]:
+            raise ConfigError(f"prompts are read by --router-init cheap-embed or hidden, not "
+                              f"'{self.router_init}'")
+
+    def prompts(self, kind: str = "positive") -> dict[int | str, list[str]]:
+        """{expert key (donor position, or 'shared'): [prompt, ...]} from the I:TEXT strings."""
+        out: dict[int | str, list[str]] = {}
+        for p in getattr(self, f"{kind}_prompts") or ():
+            key, sep, text = p.partition(":")
+            key = key.strip()
+            if not sep or not (key.isdigit() or key == "shared"):
+                raise ConfigError(f"--{kind}-prompts {p[:40]!r}: expected I:TEXT, I the expert's index or 'shared'")
+            out.setdefault(int(key) if key.isdigit() else key, []).append(text)
+        return out
+
+    @property
+    def copies(self) -> int:
+        """c = E / D: experts per donor (expert j holds donor j // c); without donors, E copies of the one source."""
+        return self.num_experts // max(len(self.donors or ()), 1)
 
     # ---- the layout these options imply ----------------------------------------------------------
     @property
@@ -104,6 +183,8 @@ class UpcycleOptions:
     def function_preserving(self) -> bool:
         """Whether the recipe reproduces the dense function (in exact arithmetic): copy, granular with `down`
         scaling, and with R > 1 only under a virtual-group `normal` router (`zeros` makes all experts tie)."""
+        if self.donors:
+            return False  # the experts compute the donors' FFNs, not the base's
         if self.recipe in ("noise", "drop"):
             return self.recipe == "noise" and self.noise_scale == 0 or self.recipe == "drop" and self.drop_ratio == 0
         if self.recipe == "granular" and self.weight_scaling != "down":
@@ -147,10 +228,14 @@ class VerifyOptions:
     """check an upcycled checkpoint computes its dense source's function
 
     Run two checkpoint directories (dense Llama, Mixtral or Qwen2-MoE) layer by layer from disk in fp32 on the same
-    random tokens and print the max absolute and relative logit difference. Exit code 1 when it is above --atol."""
+    random tokens and print the max absolute and relative logit difference. Given MOE alone (an MoE merged from
+    --donors), check that every expert computes its donor's FFN on the MoE's own hidden states and report the share
+    of each expert's positive prompts routed to it. Exit code 1 when a difference is above --atol."""
 
     tokens: int = option(32, "number of random tokens", metavar="N", min=1, max=65536)
-    atol: float = option(1e-4, "largest accepted max |logit difference|", metavar="ATOL", min=0)
+    atol: float | None = option(None, "largest accepted max |logit difference| (MOE alone: max |difference| of an "
+                                "expert from its donor's FFN)", metavar="ATOL", min=0,
+                                default_text="1e-4; MOE alone 1e-5")
     seed: int = option(0, "seed of the random tokens", metavar="N", min=0, max=MAX_SEED)
     dense_dtype: str | None = option(None, "round DENSE's weights to this dtype first (for an MoE written with "
                                      "upcycle --dtype)", choices=("bf16", "fp16"))

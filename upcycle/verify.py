@@ -10,6 +10,7 @@ shared expert scaled by sigmoid(x . w)), independently of `moe.layer`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,6 +27,7 @@ from moe import formats
 from moe.config import MoEConfig
 
 ROWS = 1 << 22  # elements of a weight converted to fp32 at a time
+LOGIT_ATOL, EXPERT_ATOL = 1e-4, 1e-5  # --atol: logits against the dense source; an expert against its donor's FFN
 
 
 class VerifyError(MoekitError):
@@ -125,14 +127,27 @@ class StreamedCheckpoint:
         return layer
 
     @torch.no_grad()
+    def run(self, ids: torch.Tensor, tap: Callable[[int, torch.Tensor], None] | None = None, layers: int | None = None,
+            progress: bool = False) -> torch.Tensor:
+        """ids [B, T] -> the output of the first `layers` layers (all by default) [B, T, H] fp32. `tap(i, x)` sees
+        layer i's FFN input x [B, T, H] (after its post-attention norm: what its router reads). Right padding is
+        harmless: attention is causal, so no position sees a later one."""
+        cfg = self.config
+        x = self.get("model.embed_tokens.weight")[ids].float()  # [B, T, H]
+        cos, sin = RotaryEmbedding(cfg)(torch.arange(ids.shape[1])[None], torch.float32)  # [1, T, D]
+        n = cfg.num_hidden_layers if layers is None else layers
+        for i in tqdm(range(n), desc=f"run {self.format}", disable=not progress, leave=False):
+            layer = self.layer(i)
+            if tap is not None:
+                layer.mlp.register_forward_pre_hook(lambda module, args, i=i: tap(i, args[0]))
+            x, _ = layer(x, cos, sin)
+        return x
+
+    @torch.no_grad()
     def logits(self, ids: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """ids [1, T] -> logits [1, T, V] fp32."""
         cfg = self.config
-        x = self.get("model.embed_tokens.weight")[ids[0]].float()[None]  # [1, T, H]
-        rotary = RotaryEmbedding(cfg)
-        cos, sin = rotary(torch.arange(ids.shape[1])[None], torch.float32)
-        for i in tqdm(range(cfg.num_hidden_layers), desc=f"verify {self.format}", disable=not progress, leave=False):
-            x, _ = self.layer(i)(x, cos, sin)
+        x = self.run(ids, progress=progress)  # [1, T, H]
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * self.get("model.norm.weight").float()
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         return linear(x[0], self.get(head))[None]  # [1, T, V]
@@ -168,3 +183,93 @@ def verify_checkpoints(dense: str | os.PathLike, moe: str | os.PathLike, tokens:
     max_abs = (la - lb).abs().max().item()
     max_rel = max_abs / max(la.abs().max().item(), 1e-30)
     return VerifyResult(max_abs, max_rel, tokens, atol, max_abs <= atol)
+
+
+# ---- an MoE merged from donors ----------------------------------------------------------------------
+
+@dataclass
+class ExpertsResult:
+    max_abs: float  # max over MoE layers, experts and tokens of |expert(x) - its donor's FFN(x)|
+    per_expert: list[float]  # the same per expert (the shared expert last, if any)
+    tokens: int
+    atol: float
+    ok: bool
+    routing: dict[str, float]  # donor position -> share of its positive prompts' tokens sent first to its experts
+    chance: float  # that share for a router blind to the prompts, on average: 1 / number of donors
+
+    def line(self) -> str:
+        verdict = "OK" if self.ok else f"FAIL (above --atol {self.atol:g})"
+        line = (f"max |expert - donor FFN| {self.max_abs:.3g} over {len(self.per_expert)} experts on "
+                f"{self.tokens} tokens: {verdict}")
+        if self.routing:
+            shares = ", ".join(f"{d}: {v:.0%}" for d, v in self.routing.items())
+            line += f"; first choice on each donor's prompts: {shares} (chance {self.chance:.0%})"
+        return line
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def expert_differences(moe: str | os.PathLike, donors: list[str], shared_donor: str | None = None,
+                       tokens: int = 32, seed: int = 0, progress: bool = False) -> list[float]:
+    """Run the MoE on `tokens` random tokens; at each MoE layer l, evaluate every expert j on all the tokens' FFN
+    inputs and compare with layer l's FFN of donor j // c (rounded to the expert's dtype): max |difference| per
+    expert (the shared expert, against `shared_donor`, last)."""
+    m = StreamedCheckpoint(moe)
+    readers: dict[str, StreamedCheckpoint] = {}
+    try:
+        if not isinstance(m.config, MoEConfig):
+            raise ConfigError(f"{m.source.path}: model_type '{m.format}' is not an MoE")
+        E, fmt = m.config.num_local_experts, m.format
+        copies = E // len(donors)
+        first = next(i for i in range(m.config.num_hidden_layers) if m.is_moe(i))
+        dtype = m.source.dtype(formats.expert_names(fmt, first, 0)["gate"])
+        for path in dict.fromkeys([*donors, *([shared_donor] if shared_donor else [])]):
+            readers[path] = StreamedCheckpoint(path, dtype)
+        worst = [0.0] * (E + bool(shared_donor))
+
+        def tap(i: int, x: torch.Tensor) -> None:
+            if not m.is_moe(i):
+                return
+            x, dense = x.reshape(-1, x.shape[-1]), formats.dense_mlp_names(i)  # [T, H]
+            for j in range(E):
+                want = readers[donors[j // copies]].mlp(x, dense)
+                worst[j] = max(worst[j], (m.mlp(x, formats.expert_names(fmt, i, j)) - want).abs().max().item())
+            if shared_donor:
+                names = formats.shared_expert_names(fmt, i)
+                half = not m.get(names["shared_gate"]).any()  # a zero gate: sigmoid = 1/2, so down was doubled
+                got = m.mlp(x, names) / (2.0 if half else 1.0)
+                worst[-1] = max(worst[-1], (got - readers[shared_donor].mlp(x, dense)).abs().max().item())
+
+        ids = torch.randint(0, m.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
+        m.run(ids, tap, progress=progress)
+    finally:
+        m.close()
+        for r in readers.values():
+            r.close()
+    return worst
+
+
+def check_merged(moe: str | os.PathLike, options, tokens: int = 32, atol: float | None = None, seed: int = 0,
+                 progress: bool = False) -> ExpertsResult:
+    """The expert check (`expert_differences`) and, with prompts, the share of each donor's positive prompts whose
+    tokens the MoE sends first to that donor's experts (`upcycle.routers.routing_shares`)."""
+    from .routers import routing_shares
+
+    atol = EXPERT_ATOL if atol is None else atol
+    per = expert_differences(moe, options.donors, options.shared_donor, tokens, seed, progress)
+    routing = routing_shares(str(moe), options, progress)
+    return ExpertsResult(max(per), per, tokens, atol, max(per) <= atol, routing, round(1 / len(options.donors), 4))
+
+
+def verify_merged(moe: str | os.PathLike, tokens: int = 32, atol: float | None = None, seed: int = 0,
+                  progress: bool = False) -> ExpertsResult:
+    """`check_merged` of an MoE directory merged from donors, with the donors and prompts of its upcycling.json."""
+    from .convert import read_record
+    from .options import UpcycleOptions
+
+    options = read_record(moe).get("options") or {}
+    if not options.get("donors"):
+        raise ConfigError(f"{moe}: not merged from donors (its upcycling.json lists none); compare it with its dense "
+                          "source: moekit verify DENSE MOE")
+    return check_merged(moe, UpcycleOptions(**{**options, "config": None}), tokens, atol, seed, progress)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 
-from llama.checkpoint import resolve_inside
+from llama.checkpoint import read_tokenizer, resolve_inside
 from llama.errors import ConfigError
 from llama.io import read_json
 
@@ -67,15 +67,10 @@ class HFTokenizer:
     tokenizer's config, else the usual token names."""
 
     def __init__(self, path: str, model_config: dict | None = None):
-        from tokenizers import Tokenizer
-
         self.path = path
         self.directory = os.path.dirname(path)
         self.name = path
-        try:
-            self.tok = Tokenizer.from_file(path)
-        except Exception as e:  # the library raises its own exception types for malformed files
-            raise ConfigError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+        self.tok = read_tokenizer(path)
         with open(path, "rb") as f:
             self.fingerprint = hashlib.sha256(f.read()).hexdigest()
         vocab = self.tok.get_vocab(with_added_tokens=True)

@@ -1,0 +1,115 @@
+"""Bad input to `moekit upcycle --donors` / `--config`: one line naming the donor, field or key, exit code 2, and
+nothing written (no DST, no temporary directory)."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from llama import Llama
+from llama.errors import ConfigError
+from upcycle import UpcycleOptions, upcycle_model
+
+from helpers import one_line_error, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def left_behind(dst) -> list[str]:
+    return [n for n in os.listdir(os.path.dirname(dst)) if n.startswith(os.path.basename(dst))]
+
+
+def refused(capsys, tmp_path, *argv) -> str:
+    dst = tmp_path / "out" / "moe"
+    err = one_line_error(capsys, "upcycle", dst, *argv, "--no-progress")
+    assert err.startswith("moekit upcycle: error: ") and not os.path.exists(dst)
+    assert not os.path.exists(dst.parent) or left_behind(str(dst)) == []
+    return err
+
+
+def edited_copy(src, dst, **fields):
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, **fields}))
+    return dst
+
+
+def test_donors_of_another_architecture_or_shape(donors, tmp_path, capsys):
+    base, paths = donors
+    mistral = edited_copy(paths[1], tmp_path / "mistral", model_type="mistral")
+    err = refused(capsys, tmp_path, "--donors", paths[0], mistral, paths[2])
+    assert f"{mistral}/config.json: model_type 'mistral' differs from the base's 'llama' ({paths[0]})" in err
+    torch.manual_seed(0)
+    wide = tmp_path / "wide"
+    Llama(tiny_llama(vocab_size=320, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                     num_key_value_heads=2)).save_pretrained(wide)
+    err = refused(capsys, tmp_path, "--donors", *paths, wide, "--num-experts", "4", "--base", base)
+    assert f"{wide}/config.json: intermediate_size 96 differs from the base's 128 ({base})" in err
+    biased = edited_copy(paths[2], tmp_path / "biased", mlp_bias=True)  # same weight shapes, another FFN
+    assert "mlp_bias True differs from the base's False" in refused(capsys, tmp_path, "--donors", *paths[:2], biased)
+    assert "--base /nowhere: checkpoint directory not found (donors are local" in refused(
+        capsys, tmp_path, "--donors", *paths, "--base", "/nowhere")
+
+
+@pytest.mark.parametrize("init", ["hidden", "cheap-embed"])
+def test_an_expert_without_prompts(donors, tmp_path, capsys, init):
+    _, paths = donors
+    err = refused(capsys, tmp_path, "--donors", *paths, "--router-init", init, "--positive-prompts", "0:def f(x):",
+                  "2:1 + 1 = 2")
+    assert f"--router-init {init}: expert 1 (donor {paths[1]}) has no positive prompts; give them as " \
+           "--positive-prompts '1:TEXT'" in err
+    assert "expert '3' does not exist; expected I:TEXT with I in 0..2" in refused(
+        capsys, tmp_path, "--donors", *paths, "--router-init", init, "--positive-prompts", "0:a", "1:b", "2:c", "3:d")
+    assert "expert 2's prompts have no tokens of their own" in refused(
+        capsys, tmp_path, "--donors", *paths, "--router-init", init, "--positive-prompts", "0:a", "1:b", "2:")
+
+
+def test_more_donors_than_experts_and_options_that_need_donors(donors, tmp_path, capsys):
+    base, paths = donors
+    assert "3 donors but --num-experts 2: every donor needs at least one expert" in refused(
+        capsys, tmp_path, "--donors", *paths, "--num-experts", "2", "--top-k", "1")
+    assert "--num-experts 4 is not a multiple of the 3 donors" in refused(capsys, tmp_path, "--donors", *paths,
+                                                                          "--num-experts", "4")
+    assert "--recipe granular cuts one dense FFN into shards" in refused(capsys, tmp_path, "--donors", *paths,
+                                                                         "--recipe", "granular")
+    assert "--router-init hidden is an option of --donors" in refused(capsys, tmp_path, "--router-init", "hidden")
+    assert "--base is an option of --donors" in refused(capsys, tmp_path, "--base", base)
+    assert "prompts are read by --router-init cheap-embed or hidden, not 'normal'" in refused(
+        capsys, tmp_path, "--donors", *paths, "--positive-prompts", "0:x")
+    assert f"SRC {base} given with --donors" in one_line_error(capsys, "upcycle", base, tmp_path / "x", "--donors",
+                                                               *paths)
+    with pytest.raises(ConfigError, match="upcycle_model upcycles one live model"):
+        upcycle_model(Llama(tiny_llama()), UpcycleOptions(donors=paths))
+    no_tokenizer = tmp_path / "bare"
+    shutil.copytree(base, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))
+    assert f"{no_tokenizer}: no tokenizer.json; --router-init hidden reads the prompts with the base's tokenizer" in \
+        refused(capsys, tmp_path, "--donors", *paths, "--base", no_tokenizer, "--router-init", "hidden",
+                "--positive-prompts", "0:a", "1:b", "2:c")
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("base_model: B\nmerge_method: slerp\nexperts:\n  - source_model: A\n",
+     "unknown key 'merge_method' in the recipe (expected base_model, experts, gate_mode"),
+    ("base_model: B\nexperts:\n  - source_model: A\n    noise_scale: 0.1\n    weight: 2\n",
+     "unknown keys 'noise_scale', 'weight' in experts[0] (mergekit's noise_scale is not implemented by moekit)"),
+    ("base_model: B\ngate_mode: uniform_random\nexperts:\n  - source_model: A\n",
+     "gate_mode 'uniform_random' is not one of hidden, cheap_embed, random"),
+    ("base_model: B\nexperts:\n  - source_model: A\n    positive_prompts: hello\n",
+     "experts[0].positive_prompts must be a list of strings"),
+    ("donors: [A, B]\nrouter: hidden\n", "unknown key 'router' in the recipe (expected donors, base"),
+    ("base_model: [unclosed\n", "not valid YAML"),
+    ("- just\n- a list\n", "expected a mapping of keys"),
+])
+def test_bad_recipe_files(tmp_path, capsys, recipe, message):
+    (tmp_path / "merge.yml").write_text(recipe)
+    err = refused(capsys, tmp_path, "--config", tmp_path / "merge.yml")
+    assert f"{tmp_path / 'merge.yml'}: " in err and message in err, err
+
+
+def test_a_recipe_whose_donors_are_not_on_disk(tmp_path, capsys):
+    (tmp_path / "merge.yml").write_text("base_model: mistralai/Mistral-7B-v0.1\ngate_mode: random\nexperts:\n"
+                                        "  - source_model: a/b\n  - source_model: c/d\n")
+    err = refused(capsys, tmp_path, "--config", tmp_path / "merge.yml")
+    assert f"--base {os.path.abspath('mistralai/Mistral-7B-v0.1')}: checkpoint directory not found" in err

@@ -1,0 +1,162 @@
+"""Experts from several dense models (mergekit-moe's workflow), streamed and verified.
+
+    moekit upcycle out/ --donors base/ coder/ math/ --router-init hidden \\
+        --positive-prompts "0:Hello, how are you?" "1:def fib(n):" "2:12 * 7 ="
+
+D donors, fine-tunes of one base: expert j of every MoE layer is donor j // c's FFN (c = E / D copies, made with
+the single-model recipes: copy, or noise / drop to break the copies' symmetry); attention, norms, embeddings, LM
+head and side files (tokenizer, chat template) come from `base` (default: the first donor); `shared_donor`'s whole
+FFN may become a shared expert (qwen2_moe). Routers are random or set from prompts (`upcycle.routers`).
+
+The converter's plan streams as for one source (`upcycle.convert`): one tensor at a time, each expert's matrices
+read from its donor as they are written, so memory does not grow with the number or size of the donors. Every
+source is checked first: the same architecture and FFN shapes as the base (one-line error naming the donor and the
+field). `upcycling.json` records the recipe (and the recipe file's text), and the sha256 of every source file,
+computed in a background thread while the MoE is written. Before publishing, every expert is checked against its
+donor's FFN and the routing of each donor's prompts is measured (`upcycle.verify.check_merged`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from llama.checkpoint import CheckpointReader
+from llama.config import LlamaConfig
+from llama.errors import CheckpointError, ConfigError
+from llama.io import check_disjoint, check_path, package_version
+from moe import formats
+
+from .convert import Layout, Plan, file_sha256, plan_record, plan_upcycle, write_checkpoint
+from .options import PROMPT_INITS, UpcycleOptions
+
+SHARED_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "hidden_act", "mlp_bias")
+
+
+def open_source(path: str, what: str) -> CheckpointReader:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{what} {path}: checkpoint directory not found (donors are local checkpoint "
+                              "directories: download hub models first)")
+    return CheckpointReader(path)
+
+
+def check_donor(donor: CheckpointReader, base: CheckpointReader, layers: list[int]) -> None:
+    """The donor has the base's architecture and FFN shapes (one-line errors naming the donor and what differs)."""
+    name = os.path.join(donor.path, "config.json")
+    got, want = donor.config.get("model_type"), base.config.get("model_type")
+    if got != want:
+        raise ConfigError(f"{name}: model_type {got!r} differs from the base's {want!r} ({base.path}); donors must "
+                          "share the base's architecture")
+    a = LlamaConfig.from_dict(donor.config, source=name)
+    b = LlamaConfig.from_dict(base.config, source=os.path.join(base.path, "config.json"))
+    for f in SHARED_FIELDS[1:]:
+        if getattr(a, f) != getattr(b, f):
+            raise ConfigError(f"{name}: {f} {getattr(a, f)!r} differs from the base's {getattr(b, f)!r} "
+                              f"({base.path}); donors must share the base's architecture and shapes")
+    for i in layers:
+        for t in formats.dense_mlp_names(i).values():
+            if t not in donor:
+                raise CheckpointError(f"{donor.path}: tensor '{t}' is missing (a donor gives its FFN weights)")
+            if donor.shape(t) != base.shape(t) or not donor.dtype(t).is_floating_point:
+                raise CheckpointError(f"{donor.path}: tensor '{t}' is {list(donor.shape(t))} {donor.dtype(t)}; "
+                                      f"expected the base's {list(base.shape(t))}, floating point")
+
+
+def checksums(readers: list[CheckpointReader], stop: threading.Event | None = None) -> dict[str, dict[str, str]]:
+    """{source path: {file: sha256}} of each source's config.json and weight files (until `stop` is set)."""
+    return {r.path: {"config.json": file_sha256(os.path.join(r.path, "config.json")),
+                     **{f: file_sha256(real, stop) for f, real in sorted(r.files.items())}} for r in readers}
+
+
+def experts_exact(options: UpcycleOptions) -> bool:
+    """Whether each expert must equal its donor's FFN: copy (or noise / drop that change nothing)."""
+    return options.recipe == "copy" or {"noise": options.noise_scale, "drop": options.drop_ratio}.get(
+        options.recipe) == 0
+
+
+def merge_donors(src: str | None, dst: str | os.PathLike, options: UpcycleOptions, progress: bool = True,
+                 log: Callable[[str], None] | None = print) -> dict:
+    """Merge `options.donors` into the MoE directory `dst` (see the module docstring); return the record written to
+    `dst/upcycling.json`. Nothing appears at `dst` unless written completely and, for copy, every expert equals its
+    donor's FFN."""
+    from .routers import prompt_routers
+    from .verify import VerifyError, check_merged
+
+    start = time.perf_counter()
+    if src is not None:
+        raise ConfigError(f"SRC {src} given with --donors: the base is --base (default: the first donor)")
+    dst = check_path(dst, "DST")
+    paths = [check_path(p, "donor") for p in options.donors]
+    options = dataclasses.replace(options, donors=paths, base=check_path(options.base or paths[0], "--base"),
+                                  shared_donor=options.shared_donor and check_path(options.shared_donor, "shared"))
+    sources = list(dict.fromkeys([options.base, *paths, *filter(None, [options.shared_donor])]))  # 0: the base
+    for p in sources:
+        check_disjoint(p, dst, "source", "DST")
+    readers: list[CheckpointReader] = []
+    try:
+        for p in sources:
+            what = "--base" if p == options.base else "--shared-donor" if p == options.shared_donor else "donor"
+            readers.append(open_source(p, what))
+        dense = LlamaConfig.from_dict(readers[0].config, source=os.path.join(options.base, "config.json"))
+        layers = options.layers(dense.num_hidden_layers)
+        for r in readers[1:]:
+            check_donor(r, readers[0], layers)
+        layout = Layout([sources.index(paths[j // options.copies]) for j in range(options.num_experts)],
+                        sources.index(options.shared_donor) if options.shared_donor else None)
+        if options.router_init in PROMPT_INITS:
+            layout.routers, layout.shared_gates = prompt_routers(options.base, options, layers, dense.vocab_size,
+                                                                 progress)
+        plan = plan_upcycle(readers[0], options, layout)
+        hashing, stop = ThreadPoolExecutor(1), threading.Event()
+        digests = hashing.submit(checksums, readers, stop)
+        record = {"moekit_version": package_version("moekit"), "base": options.base, "donors": paths,
+                  "shared_donor": options.shared_donor, "experts": [paths[j // options.copies]
+                                                                    for j in range(options.num_experts)],
+                  "router_init": options.router_init, **plan_record(plan, options), "function_preserving": False}
+        if options.config:
+            from .recipe_file import describe
+
+            record["recipe_file"] = describe(options.config)
+
+        def check(tmp: str, record: dict) -> None:
+            record["sha256"] = digests.result()
+            if not options.verify:
+                return
+            result = check_merged(tmp, options, options.verify_tokens, options.verify_atol, options.seed, progress)
+            record["verify"] = result.to_dict()
+            if experts_exact(options) and not result.ok:
+                raise VerifyError(f"recipe '{options.recipe}' should copy each donor's FFN but {result.line()}; "
+                                  f"nothing written to {dst}")
+
+        try:
+            write_checkpoint(plan, readers, dst, options, record, check, start, progress)
+        finally:
+            stop.set()  # a failed run does not wait for the hashes
+            hashing.shutdown()
+    finally:
+        for r in readers:
+            r.close()
+    if log:
+        log(summary_line(dst, plan, options, record))
+    return record
+
+
+def summary_line(dst: str, plan: Plan, options: UpcycleOptions, record: dict) -> str:
+    c, gb, secs = plan.config, record["output_bytes"] / 1e9, record["seconds"]
+    shared = f" + shared expert {c.shared_expert_intermediate_size}" if c.has_shared_expert else ""
+    D = len(options.donors)
+    line = (f"merged {D} donor{'s' * (D > 1)} -> {dst}: base {options.base}, {c.num_local_experts} experts of "
+            f"{c.moe_intermediate_size}{shared} ({options.copies} per donor, recipe {options.recipe}), "
+            f"top-{c.num_experts_per_tok}, router {options.router_init}, {len(plan.moe_layers)}/"
+            f"{c.num_hidden_layers} MoE layers, {plan.format}, {gb:.3f} GB in {record['shards']} shard(s), "
+            f"{secs:.1f} s")
+    v = record["verify"]
+    if v is not None:
+        from .verify import ExpertsResult
+
+        line += f"; verify: {ExpertsResult(**v).line()}"
+    return line
