@@ -1,105 +1,151 @@
-"""moekit end to end on a small built-in model and data, through the `moekit` command line as a user runs it:
+"""moekit's main job end to end on real text, through the `moekit` command line only (every command is printed,
+so a user can run each by hand), reproducing the sparse-upcycling result (Komatsuzaki et al., 2022) in miniature:
 
-1. pretrain a dense Llama (`mini`) on the built-in arithmetic text (`moekit train`);
-2. upcycle it into an 8-expert top-2 MoE (`moekit upcycle`) and check it computes the dense function
-   (`moekit verify`; and in transformers, when it is installed);
-3. count total vs active parameters (`moekit params`);
-4. continue training the dense model and the MoE side by side with the same options and data;
-5. print a table, and what each model now writes after a prompt.
+1. a byte-level BPE tokenizer trained on the Python standard library's sources (`builtin:python-stdlib`; one file
+   in 20 is held out for validation);
+2. a small dense Llama pretrained from scratch on them;
+3. its parameters; 4. upcycled to 8 experts, top-2 (`copy`), verified, its parameters;
+5. training continued from the same point, for the same steps and tokens, twice: the dense model and the MoE;
+6. a table (parameters, continuation FLOPs, validation loss and perplexity, tokens/s), `moekit plot` pictures and
+   greedy completions of code prompts from both.
+
+Finished steps are not redone (`--fresh` starts over); an interrupted training run resumes from its last state.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import time
 
-import torch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ("def fibonacci(n):", "import os\n\n\ndef read_lines(path):", "class Stack:\n    def __init__(self):")
+SIZES = {  # the default, and a toy size for the test of this script (seconds)
+    "full": dict(preset="small", vocab=4096, pretrain_steps=600, continue_steps=300, batch=16, seq_len=256,
+                 lr_pretrain="3e-3", lr_continue="1e-3", eval_every=50, save_every=100, eval_batches=8),
+    "toy": dict(preset="tiny", vocab=320, pretrain_steps=6, continue_steps=4, batch=2, seq_len=32,
+                lr_pretrain="3e-3", lr_continue="1e-3", eval_every=2, save_every=2, eval_batches=1),
+}
 
-from llama import Llama
-from moe import MoEForCausalLM
 
-
-def moekit(*args: str, head: int | None = None) -> str:
-    """Run the moekit CLI as a user would; echo its output (the first `head` lines)."""
-    print("  $ moekit " + " ".join(args))
-    p = subprocess.run([sys.executable, "-m", "moekit", *args], capture_output=True, text=True)
+def moekit(*args: str, head: int | None = None, quiet: bool = False) -> str:
+    """Run the moekit command line as a user would; echo the command and (the first `head` lines of) its output."""
+    print("  $ moekit " + " ".join(a if a.strip() and " " not in a and "\n" not in a else json.dumps(a)
+                                  for a in args), flush=True)
+    p = subprocess.run([sys.executable, "-m", "moekit", *args], capture_output=True, text=True, cwd=ROOT)
     out = (p.stdout + p.stderr).rstrip()
-    print("\n".join("    " + line for line in out.splitlines()[:head]))
+    if not quiet:
+        print("\n".join("    " + line for line in out.splitlines()[:head]), flush=True)
     if p.returncode:
-        raise SystemExit(f"moekit {args[0]} failed with exit code {p.returncode}")
-    return out
+        raise SystemExit(f"moekit {args[0]} failed (exit code {p.returncode}):\n{out[-2000:]}")
+    return p.stdout
 
 
-def params(path: str) -> dict:
-    return json.loads(subprocess.run([sys.executable, "-m", "moekit", "params", path, "--json"], capture_output=True,
-                                     text=True, check=True).stdout)
-
-
-def complete(model, prompt: str, n: int = 24) -> str:
-    """Greedy continuation of prompt, byte-level (the built-in data's tokens are bytes)."""
-    ids = torch.tensor([list(prompt.encode())])
-    out = model.generate(ids, max_new_tokens=n)[0, ids.shape[1]:].tolist()
-    return bytes(out).decode(errors="replace").split("\n")[0]
+def train(out: str, *args: str) -> None:
+    """`moekit train`, skipped when OUT is finished, resumed when an interrupted OUT.partial is there."""
+    if os.path.isdir(out):
+        print(f"  (done: {out})")
+    elif os.path.isdir(out + ".partial"):
+        moekit("train", "--resume", "--out", out, "--no-progress", head=3)
+    else:
+        moekit("train", *args, "--out", out, "--no-progress", head=3)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="mini", help="dense Llama preset (default: mini)")
-    p.add_argument("--out", default="runs/demo", help="working directory, replaced on each run (default: runs/demo)")
-    p.add_argument("--pretrain-steps", default="300", help="dense pretraining steps (default: 300)")
-    p.add_argument("--continue-steps", default="150", help="steps of continued training of each model (150)")
-    p.add_argument("--num-experts", default="8", help="experts per MoE layer (default: 8)")
-    p.add_argument("--top-k", default="2", help="experts per token (default: 2)")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"), help="working directory (runs/demo)")
+    p.add_argument("--fresh", action="store_true", help="start over: remove the working directory first")
+    p.add_argument("--seed", default="0", help="seed of the pretraining and the continuations (0)")
+    p.add_argument("--toy", action="store_true", help="a toy size that runs in seconds (for tests)")
+    p.add_argument("--docs", default=os.path.join(ROOT, "docs", "demo"),
+                   help="where a copy of the pictures goes, for the README ('' for none)")
     args = p.parse_args()
+    size = SIZES["toy" if args.toy else "full"]
     t0 = time.time()
+    if args.fresh and os.path.isdir(args.out):
+        shutil.rmtree(args.out)
     os.makedirs(args.out, exist_ok=True)
-    d = {name: os.path.join(args.out, name) for name in ("dense", "moe", "dense-continued", "moe-continued")}
+    d = {name: os.path.join(args.out, name) for name in ("tokenizer", "dense", "moe", "dense-continued",
+                                                         "moe-continued", "plots")}
+    data = ["--data", "builtin:python-stdlib", "--val-data", "builtin:python-stdlib-val"]
+    common = [*data, "--batch-size", str(size["batch"]), "--seq-len", str(size["seq_len"]), "--eval-every",
+              str(size["eval_every"]), "--eval-batches", str(size["eval_batches"]), "--save-every",
+              str(size["save_every"]), "--seed", args.seed, "--log-every", str(size["eval_every"] // 2 or 1)]
 
-    print(f"[1] pretrain a dense Llama '{args.preset}' on the built-in arithmetic text")
-    moekit("train", args.preset, "--out", d["dense"], "--steps", args.pretrain_steps, "--force", "--no-progress")
-
-    print(f"[2] upcycle it: every FFN becomes {args.num_experts} copies of itself, {args.top_k} active per token")
-    moekit("upcycle", d["dense"], d["moe"], "--num-experts", args.num_experts, "--top-k", args.top_k,
-           "--recipe", "copy", "--max-shard-size", "1MB", "--force", "--no-progress")
-    print("    check the MoE computes the dense function, layer by layer from disk:")
-    moekit("verify", d["dense"], d["moe"], "--no-progress")
-    try:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        print("    (transformers is not installed: skipped loading the MoE there)")
+    print("[1] a byte-level BPE tokenizer trained on the standard library's sources (held-out files excluded)")
+    if os.path.isdir(d["tokenizer"]):
+        print(f"  (done: {d['tokenizer']})")
     else:
-        hf_logging.disable_progress_bar()
-        ids = torch.tensor([list(b"417+86=")])
-        hf = AutoModelForCausalLM.from_pretrained(d["moe"], dtype=torch.float32)
-        with torch.no_grad():
-            diff = (hf(ids).logits - Llama.from_pretrained(d["dense"])(ids).logits).abs().max().item()
-        print(f"    transformers loads it as {type(hf).__name__}; max |logit - dense logit| = {diff:.2e}")
+        moekit("tokenizer", "train", "builtin:python-stdlib", "--out", d["tokenizer"], "--vocab-size",
+               str(size["vocab"]), "--no-progress")
 
-    print("[3] total vs active parameters")
+    print(f"[2] pretrain a dense Llama '{size['preset']}' from scratch with it")
+    train(d["dense"], size["preset"], "--tokenizer", d["tokenizer"], *common, "--steps", str(size["pretrain_steps"]),
+          "--lr", size["lr_pretrain"])
+
+    print("[3] its parameters")
+    moekit("params", d["dense"], head=1)
+
+    print("[4] upcycle it: every FFN becomes 8 copies of itself, 2 active per token; check the function is kept")
+    if os.path.isdir(d["moe"]):
+        print(f"  (done: {d['moe']})")
+    else:
+        moekit("upcycle", d["dense"], d["moe"], "--num-experts", "8", "--top-k", "2", "--recipe", "copy",
+               "--no-progress")
+    moekit("verify", d["dense"], d["moe"], "--no-progress")
+    moekit("params", d["moe"], head=1)
+
+    steps = str(size["continue_steps"])
+    print(f"[5] continue both from the same point: {steps} steps, same data order, optimizer and schedule")
     for name in ("dense", "moe"):
-        moekit("params", d[name], head=1)
+        train(d[f"{name}-continued"], d[name], *common, "--steps", steps, "--lr", size["lr_continue"])
 
-    print(f"[4] continue training both for {args.continue_steps} steps, same data and options")
+    print("[6] results")
+    report(d, size, args)
+    if os.path.isdir(d["plots"]):
+        shutil.rmtree(d["plots"])
+    moekit("plot", d["dense-continued"], d["moe-continued"], "--out", d["plots"])
+    if args.docs and not args.toy:
+        os.makedirs(args.docs, exist_ok=True)
+        for name in os.listdir(d["plots"]):
+            shutil.copyfile(os.path.join(d["plots"], name), os.path.join(args.docs, name))
+    for name in ("dense-continued", "moe-continued"):
+        print(f"  greedy completions, {name}:")
+        out = json.loads(moekit("generate", d[name], "--prompt", *PROMPTS, "--max-new-tokens", "30", "--json",
+                                quiet=True))
+        for item in out:
+            print("    " + json.dumps(item["prompt"] + item["completion"])[:160])
+    print(f"done in {time.time() - t0:.0f} s; everything is under {args.out}/")
+
+
+def report(d: dict, size: dict, args) -> None:
+    rows = []
     for name in ("dense", "moe"):
-        moekit("train", d[name], "--out", d[f"{name}-continued"], "--steps", args.continue_steps, "--warmup", "0",
-               "--lr", "1e-3", "--seed", "1", "--force", "--no-progress")
-
-    print("\n[5] results")
-    print(f"{'model':<16} {'total':>10} {'active':>10} {'val loss before':>16} {'after':>7} {'train s':>8}  "
-          "greedy after '417+86='")
-    for name, cls in (("dense", Llama), ("moe", MoEForCausalLM)):
         with open(os.path.join(d[f"{name}-continued"], "train_config.json")) as f:
             run = json.load(f)
-        count = params(d[f"{name}-continued"])
-        text = complete(cls.from_pretrained(d[f"{name}-continued"]), "417+86=")
-        print(f"{name:<16} {count['total_params']:>10,} {count['active_params']:>10,} "
-              f"{run['initial_val_loss']:>16.4f} {run['val_loss']:>7.4f} {run['seconds']:>8.1f}  {text!r}")
-    print(f"done in {time.time() - t0:.1f}s; checkpoints, metrics.jsonl and train_config.json under {args.out}/")
+        count = json.loads(moekit("params", d[name], "--tokens", str(run["tokens"]), "--seq-len",
+                                  str(size["seq_len"]), "--json", quiet=True))
+        with open(os.path.join(d[f"{name}-continued"], "metrics.jsonl")) as f:
+            speeds = [m["tokens_per_s"] for m in map(json.loads, f) if "tokens_per_s" in m]
+        rows.append((name, count["total_params"], count["active_params"], count["derived"]["train_flops"],
+                     run["initial_val_loss"], run["val_loss"], sorted(speeds)[len(speeds) // 2], run["tokens"]))
+    print(f"  {'model':<6} {'total':>11} {'active':>11} {'continuation FLOPs':>19} {'val loss (ppl) before':>22} "
+          f"{'after':>16} {'tokens/s':>9}")
+    for name, total, active, flops, before, after, speed, _ in rows:
+        print(f"  {name:<6} {total:>11,} {active:>11,} {flops:>19.3e} {before:>13.4f} ({math.exp(before):>6.1f}) "
+              f"{after:>8.4f} ({math.exp(after):>5.1f}) {speed:>9,.0f}")
+    dense_after, moe_after, tokens = rows[0][5], rows[1][5], rows[0][7]
+    print(f"  after {tokens:,} more tokens each: MoE {moe_after:.4f} vs dense {dense_after:.4f} validation loss "
+          f"({'MoE lower' if moe_after < dense_after else 'dense lower'} by {abs(moe_after - dense_after):.4f});"
+          f" the MoE spent {rows[1][3] / rows[0][3]:.2f}x the dense model's training FLOPs")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump([dict(zip(("model", "total", "active", "train_flops", "val_before", "val_after", "tokens_per_s",
+                             "tokens"), r)) for r in rows], f, indent=1)
 
 
 if __name__ == "__main__":
