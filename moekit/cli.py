@@ -19,7 +19,7 @@ from llama.io import package_version
 from llama.options import option
 from moe.accounting.cost import Plan
 from moe.bench.options import GemmBenchOptions, LayerBenchOptions
-from moe.train.options import TrainOptions
+from moe.train.options import PlotOptions, TrainOptions
 from upcycle.options import UpcycleOptions, VerifyOptions
 
 from .args import Parser, add_options, given_options, options_from, print_error
@@ -76,6 +76,13 @@ def _train(args, options: TrainOptions) -> int:
     return 0
 
 
+def _plot(args, options: PlotOptions) -> int:
+    from moe.train.plot import plot
+
+    plot(options)
+    return 0
+
+
 def _bench_layer(args, options: LayerBenchOptions) -> int:
     from moe.bench.layer import run
 
@@ -122,6 +129,7 @@ COMMANDS = (
     Command("params", Plan, _params, (("target", "TARGET", "preset name, config.json, checkpoint directory, or a "
                                        "count (7B, 175e9)"),), (ParamsOutput,)),
     Command("train", TrainOptions, _train),
+    Command("plot", PlotOptions, _plot),
     Command("bench", help="benchmarks that print a table and write JSON: a routed layer, or the grouped-GEMM kernels",
             subcommands=(Command("layer", LayerBenchOptions, _bench_layer),
                          Command("gemm", GemmBenchOptions, _bench_gemm))),
