@@ -18,7 +18,7 @@ from llama.errors import MoekitError
 from llama.io import package_version
 from llama.options import option
 from moe.accounting.cost import Plan
-from moe.bench.options import GemmBenchOptions, LayerBenchOptions
+from moe.bench.options import GemmBenchOptions, LayerBenchOptions, TrainBenchOptions
 from moe.train.options import PlotOptions, TrainOptions
 from upcycle.options import UpcycleOptions, VerifyOptions
 
@@ -97,6 +97,13 @@ def _bench_gemm(args, options: GemmBenchOptions) -> int:
     return 0
 
 
+def _bench_train(args, options: TrainBenchOptions) -> int:
+    from moe.bench.train import run
+
+    run(options)
+    return 0
+
+
 @dataclass
 class Command:
     """A subcommand: its options dataclass (whose docstring gives the help line, then the description) and what
@@ -130,9 +137,10 @@ COMMANDS = (
                                        "count (7B, 175e9)"),), (ParamsOutput,)),
     Command("train", TrainOptions, _train),
     Command("plot", PlotOptions, _plot),
-    Command("bench", help="benchmarks that print a table and write JSON: a routed layer, or the grouped-GEMM kernels",
-            subcommands=(Command("layer", LayerBenchOptions, _bench_layer),
-                         Command("gemm", GemmBenchOptions, _bench_gemm))),
+    Command("bench", help="benchmarks that print a table and write JSON: a routed layer, the grouped-GEMM kernels, or "
+            "training steps of an MoE model", subcommands=(Command("layer", LayerBenchOptions, _bench_layer),
+                                                            Command("gemm", GemmBenchOptions, _bench_gemm),
+                                                            Command("train", TrainBenchOptions, _bench_train))),
 )
 
 
