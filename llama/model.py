@@ -166,7 +166,34 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     the logits (the last position gets ignore_index), so the [B, S, V] logits are never copied."""
     V = logits.shape[-1]
     target = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # [B, S]
-    return F.cross_entropy(logits.float().reshape(-1, V), target.reshape(-1), ignore_index=ignore_index)
+    return _CrossEntropy.apply(logits.reshape(-1, V), target.reshape(-1), ignore_index)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """F.cross_entropy(logits.float(), target, ignore_index=...) (the mean over the targets not ignored) whose
+    backward turns the saved log-probabilities into the gradient in place (softmax - one-hot, scaled), instead
+    of allocating two more [N, V] tensors as autograd's log_softmax + nll_loss do (no double backward).
+    logits [N, V], target [N]."""
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index):
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V] fp32
+        valid = target != ignore_index  # [N]
+        index = target.masked_fill(~valid, 0)[:, None]  # [N, 1]
+        count = valid.sum()
+        ctx.save_for_backward(logp, index, valid, count)
+        ctx.dtype = logits.dtype
+        return -(logp.gather(1, index).squeeze(1) * valid).sum() / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        logp, index, valid, count = ctx.saved_tensors
+        keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)()  # retain_graph
+        g = (logp.clone() if keep else logp).exp_()  # [N, V] softmax
+        g.scatter_add_(1, index, -valid[:, None].to(g.dtype))  # - one-hot of each counted target
+        g.mul_((valid * (grad / count))[:, None])  # ignored rows get 0
+        return g.to(ctx.dtype), None, None
 
 
 class Llama(nn.Module):
