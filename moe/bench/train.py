@@ -16,10 +16,11 @@ GPU). MFU = training FLOPs per token (moekit's accounting: 3 x forward) x tokens
 Profile: `profile_steps` more forward+backward passes of each (round robin, an optimizer step after each) under
 torch.profiler, per pass: `matmul_s` the self time of the GEMM ops (aten::mm, addmm, bmm, baddbmm, _grouped_mm,
 ...; device time on GPU), `attention_s` that of the fused SDPA kernels (matrix products too, the same op in both),
-`matmul_share` = matmul_s / the profiled pass. `model_non_gemm_s` = forward_backward_s - matmul_s - attention_s:
-the time of the timed forward+backward outside matrix products (elementwise ops, routing, permutations, losses,
-allocation, Python); `non_gemm_s` adds the optimizer. The target (issue 13): moekit's step >= 1.05x as fast as
-transformers' fastest implementation, and its model_non_gemm_s <= half of that one's (`non_gemm_ratio`).
+`matmul_share` = matmul_s / the profiled pass (attention_share likewise), `non_gemm_share` the rest.
+`model_non_gemm_s` = forward_backward_s x non_gemm_share: the time of the timed forward+backward outside matrix
+products (elementwise ops, routing, permutations, losses, allocation, Python), as issue 13 reads a profile;
+`non_gemm_s` adds the optimizer. The target (issue 13): moekit's step >= 1.05x as fast as transformers' fastest
+implementation, and its model_non_gemm_s <= half of that one's (`non_gemm_ratio`).
 """
 
 from __future__ import annotations
@@ -184,10 +185,10 @@ def bench_train(layers: int = 4, hidden: int = 512, ffn: int = 1408, experts: in
         r["mfu"] = fpt * r["tokens_per_s"] / peak if peak else None
         if profile_steps:
             p = summarise(profiles[n])
-            inside = p["matmul_s"] + p["attention_s"]
+            outside = 1 - (p["matmul_s"] + p["attention_s"]) / p["wall_s"]  # the share outside matrix products
             r["profile"] = {**p, "matmul_share": p["matmul_s"] / p["wall_s"],
-                            "profiled_non_gemm_s": p["wall_s"] - inside}
-            r["model_non_gemm_s"] = r["forward_backward_s"] - inside
+                            "attention_share": p["attention_s"] / p["wall_s"], "non_gemm_share": outside}
+            r["model_non_gemm_s"] = r["forward_backward_s"] * outside
             r["non_gemm_s"] = r["model_non_gemm_s"] + r["optimizer_s"]
         results.append(r)
     by = {r["name"]: r for r in results}
