@@ -114,3 +114,17 @@ def test_a_line_being_written_is_left_out(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps({"step": 0, "tokens": 0, "val_loss": 5.5}) + '\n{"step": 2, "tok')
     assert read_metrics(str(path)) == [{"step": 0, "tokens": 0, "val_loss": 5.5}]
+
+
+def test_training_flops_of_a_run_in_progress_come_from_its_source(runs, tmp_path):
+    """No config.json yet (OUT.partial without --save-every): the preset named in train_config.json."""
+    root, models = runs
+    partial = tmp_path / "run.partial"
+    partial.mkdir()
+    for name in ("metrics.jsonl", "train_config.json"):
+        (partial / name).write_bytes((root / "moe.partial" / name).read_bytes())
+    assert json.loads((partial / "train_config.json").read_text())["source"] == "preset tiny-moe"
+    [run] = read_runs([str(tmp_path / "run")])
+    assert run.name == "run (in progress)" and run.flops_per_token == train_flops_per_token(models["moe"], 16)
+    (partial / "train_config.json").write_text(json.dumps({"options": {"seq_len": 16}, "source": "/gone"}))
+    assert read_runs([str(partial)])[0].flops_per_token is None  # left off the FLOPs panel

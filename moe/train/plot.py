@@ -15,8 +15,9 @@ The train curve is the LM loss (`lm_loss`, without the router losses, as the val
 runs), so dense and MoE runs compare directly. Training FLOPs are tokens x FLOPs per token from moekit's own
 accounting of the run's model (3 x forward: 2 per active matmul weight plus attention over --seq-len, the figure
 MFU uses): the model is read from RUN's config.json (a finished run), else its latest step-N/ checkpoint, else
-the MODEL it was trained from (a preset or a directory still there); a run whose model cannot be found is left
-off the FLOPs panel. matplotlib is imported when plotting (the `plot` extra); figures are built without pyplot.
+the source train_config.json names (a preset, or a checkpoint directory still there); a run whose model cannot
+be found is left off the FLOPs panel. matplotlib is imported when plotting (the `plot` extra); figures are built
+without pyplot.
 """
 
 from __future__ import annotations
@@ -98,13 +99,15 @@ def flops_per_token(directory: str) -> float | None:
     seq_len = options.get("seq_len") if isinstance(options, dict) else None
     if not isinstance(seq_len, int) or seq_len < 1:
         return None
-    steps = sorted(glob.glob(os.path.join(directory, "step-*", "config.json")), reverse=True)
-    for target in [os.path.join(directory, "config.json"), *steps, options.get("model")]:
-        if target and (os.path.isfile(target) or not target.endswith("config.json")):
-            try:
-                return train_flops_per_token(target, seq_len)
-            except (MoekitError, OSError, KeyError, ValueError):
-                continue
+    source = config.get("source") if isinstance(config.get("source"), str) else ""  # "preset NAME" or a path
+    targets = [p for p in [os.path.join(directory, "config.json")] if os.path.isfile(p)]
+    targets += sorted(glob.glob(os.path.join(directory, "step-*", "config.json")), reverse=True)  # latest first
+    targets += [source.removeprefix("preset ")] if source else []
+    for target in targets:
+        try:
+            return train_flops_per_token(target, seq_len)
+        except (MoekitError, OSError, KeyError, ValueError):
+            continue
     return None
 
 
