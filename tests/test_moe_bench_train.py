@@ -24,7 +24,7 @@ def test_bench_train_cli_writes_table_and_json(tmp_path, capsys):
     s = report["setup"]
     assert (s["layers"], s["hidden"], s["experts"], s["tokens_per_step"], s["dtype"]) == (2, 64, 4, 32, "fp32")
     assert s["contenders"] == ["moekit", "hf-grouped_mm", "hf-eager"] and s["device"] == "cpu"
-    assert s["torch"] == torch.__version__ and s["peak_flops"] is None
+    assert s["torch"] == torch.__version__ and s["peak_flops"] is None and s["adamw"] == "fused"
     # 3 x forward; forward = 2 x matmul weights per token (2 layers x (q, k, v, o 12,288 + router 256 + 2 of 4
     # experts 36,864) + lm head 8,192 = 107,008) + attention 2 x 2 layers x 16 positions x 4 heads x (16 + 16)
     assert s["train_flops_per_token"] == 3 * (2 * 107_008 + 2 * 2 * 16 * 4 * 32) == 666_624
@@ -52,10 +52,10 @@ def test_bench_train_cli_writes_table_and_json(tmp_path, capsys):
 def test_mfu_with_a_peak_and_no_profile():
     report = bench_train(layers=1, hidden=32, ffn=48, experts=4, heads=2, kv_heads=1, vocab=64, batch=1, seq_len=8,
                          device="cpu", repeats=1, warmup=0, contenders=["moekit", "hf-eager"], peak_flops=1e12,
-                         profile_steps=0)
+                         profile_steps=0, adamw="foreach")
     r = report["results"][0]
     assert r["mfu"] == pytest.approx(report["setup"]["train_flops_per_token"] * r["tokens_per_s"] / 1e12)
-    assert "profile" not in r and report["non_gemm_ratio"] is None
+    assert "profile" not in r and report["non_gemm_ratio"] is None and report["setup"]["adamw"] == "foreach"
     assert "| moekit |" in format_table(report) and "non-GEMM" not in format_table(report).splitlines()[-1]
 
 

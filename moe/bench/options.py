@@ -86,6 +86,7 @@ class GemmBenchOptions:
 
 
 TRAIN_CONTENDERS = ("moekit", "hf-grouped_mm", "hf-eager", "hf-batched_mm")
+ADAMW = ("fused", "foreach", "loop")
 TRAIN_DEFAULTS = dict(layers=4, hidden=512, ffn=1408, experts=8, top_k=2, heads=8, kv_heads=2, vocab=8192, batch=8,
                       seq_len=256, dtype="fp32")
 TRAIN_PRESETS = {  # ~1B active (1.05B matmul weights per token; 3.6B in all), as a GPU measures it
@@ -128,6 +129,8 @@ class TrainBenchOptions:
                                     "(hf-batched_mm gathers a weight copy per token copy: small sizes only)",
                                     metavar="NAME", choices=TRAIN_CONTENDERS,
                                     default_text="moekit, hf-grouped_mm and (on CPU) hf-eager")
+    adamw: str = option("fused", "AdamW implementation of every contender (moekit's trainer: fused)",
+                        choices=ADAMW)
     peak_flops: float | None = option(None, "peak FLOP/s of the device, for MFU", metavar="FLOPS", gt=0,
                                       default_text="known GPUs by name; n/a on CPU")
     profile_steps: int = option(3, "steps of each contender under torch.profiler, for the time in matrix "

@@ -2,7 +2,7 @@
 
 Contenders, all holding the same initial weights (copied from moekit's model), fed the same batch ids [B, S]
 (labels = ids), in the same precision, each with its own AdamW (lr 1e-4, betas (0.9, 0.95), weight decay 0.1,
-fused, as moekit's trainer uses it):
+fused as moekit's trainer uses it, or --adamw foreach / loop):
   moekit         MoEForCausalLM (router + kernels.swiglu_experts); loss = LM loss + aux coef x load balancing
   hf-grouped_mm  transformers' MixtralForCausalLM, experts_implementation "grouped_mm", SDPA attention,
                  output_router_logits=True (the same loss)
@@ -81,10 +81,11 @@ def loss_fn(name: str, model: torch.nn.Module, ids: torch.Tensor) -> Callable[[]
 class Contender:
     """A model, its AdamW and its two timed phases."""
 
-    def __init__(self, name: str, model: torch.nn.Module, ids: torch.Tensor):
+    def __init__(self, name: str, model: torch.nn.Module, ids: torch.Tensor, adamw: str = "fused"):
         self.name, self.model, self.loss = name, model, loss_fn(name, model, ids)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                           fused=adamw == "fused", foreach=adamw == "foreach")
 
     def forward_backward(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -142,7 +143,7 @@ def bench_train(layers: int = 4, hidden: int = 512, ffn: int = 1408, experts: in
                 heads: int = 8, kv_heads: int = 2, vocab: int = 8192, batch: int = 8, seq_len: int = 256,
                 dtype: str = "fp32", device: str | torch.device = "auto", repeats: int | None = None,
                 warmup: int | None = None, contenders: list[str] | None = None, peak_flops: float | None = None,
-                profile_steps: int = 3, seed: int = 0) -> dict:
+                profile_steps: int = 3, adamw: str = "fused", seed: int = 0) -> dict:
     """Time every contender's training steps; see the module docstring. Returns {"setup", "results", "fastest",
     "moekit_speedup", "non_gemm_ratio", "target"}."""
     device = resolve_device(device)
@@ -159,7 +160,7 @@ def bench_train(layers: int = 4, hidden: int = 512, ffn: int = 1408, experts: in
     g = torch.Generator(device).manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=g, device=device)  # [B, S]
     models = {n: ours if n == "moekit" else hf_mixtral(ours, n.removeprefix("hf-")) for n in names}
-    runs = {n: Contender(n, m, ids) for n, m in models.items()}
+    runs = {n: Contender(n, m, ids, adamw) for n, m in models.items()}
     with torch.no_grad():
         initial = {n: c.loss().item() for n, c in runs.items()}  # before any step: the same weights
     times = {n: [] for n in names}  # per timed step: (forward_backward_s, optimizer_s)
@@ -197,7 +198,8 @@ def bench_train(layers: int = 4, hidden: int = 512, ffn: int = 1408, experts: in
     ratio = by["moekit"]["model_non_gemm_s"] / fastest["model_non_gemm_s"] if profile_steps else None
     setup = dict(layers=layers, hidden=hidden, ffn=ffn, experts=experts, top_k=top_k, heads=heads, kv_heads=kv_heads,
                  vocab=vocab, batch=batch, seq_len=seq_len, dtype=dtype, tokens_per_step=batch * seq_len,
-                 train_flops_per_token=fpt, total_params=ours.num_parameters(), peak_flops=peak, repeats=repeats,
+                 train_flops_per_token=fpt, total_params=ours.num_parameters(), peak_flops=peak, adamw=adamw,
+                 repeats=repeats,
                  warmup=warmup, contenders=names, **environment(device))
     met = speedup >= TARGET["speedup_min"] and (ratio is None or ratio <= TARGET["non_gemm_ratio_max"])
     return {"setup": setup, "results": results, "fastest": fastest["name"], "moekit_speedup": speedup,
@@ -210,7 +212,7 @@ def format_table(report: dict) -> str:
     f = lambda v, fmt: "-" if v is None else format(v, fmt)
     head = (f"MoE training step, {s['layers']} layers H={s['hidden']} F={s['ffn']} E={s['experts']} "
             f"k={s['top_k']} heads {s['heads']}/{s['kv_heads']} V={s['vocab']}, batch {s['batch']}x{s['seq_len']} "
-            f"{s['dtype']}, {where}, median of {s['repeats']}")
+            f"{s['dtype']}, {s.get('adamw', 'fused')} AdamW, {where}, median of {s['repeats']}")
     rows = [head, "", "| step | step (ms) | fwd+bwd (ms) | AdamW (ms) | tokens/s | MFU | matmul share | "
             "fwd+bwd non-GEMM (ms) | initial loss |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
@@ -237,7 +239,7 @@ def run(options: TrainBenchOptions) -> dict:
         torch.set_num_threads(options.threads)
     report = bench_train(**options.model_kwargs(), device=options.device, repeats=options.repeats,
                          warmup=options.warmup, contenders=options.only, peak_flops=options.peak_flops,
-                         profile_steps=options.profile_steps, seed=options.seed)
+                         profile_steps=options.profile_steps, adamw=options.adamw, seed=options.seed)
     print(format_table(report))
     if options.json:
         write_json_atomic(options.json, report)
