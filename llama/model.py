@@ -74,11 +74,13 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, K, L, D]
-        if self.n_kv != self.n_heads:  # GQA / MQA: each key/value head serves N/K query heads
+        gqa = self.n_kv != self.n_heads  # GQA / MQA: each key/value head serves N/K query heads
+        if gqa and mask is not None:  # SDPA's own GQA (no copies) serves the unmasked kernels only
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)  # [B, N, L, D]
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         causal = mask is None and S > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # [B, N, S, D]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=gqa and mask is None)  # [B, N, S, D]
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
@@ -160,10 +162,38 @@ class CausalLMOutput:
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32: logits[:, t] predicts labels[:, t+1]."""
+    """Mean next-token cross-entropy in fp32: logits[:, t] predicts labels[:, t+1]. The labels are shifted, not
+    the logits (the last position gets ignore_index), so the [B, S, V] logits are never copied."""
     V = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), labels[:, 1:].reshape(-1),
-                           ignore_index=ignore_index)
+    target = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # [B, S]
+    return _CrossEntropy.apply(logits.reshape(-1, V), target.reshape(-1), ignore_index)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """F.cross_entropy(logits.float(), target, ignore_index=...) (the mean over the targets not ignored) whose
+    backward turns the saved log-probabilities into the gradient in place (softmax - one-hot, scaled), instead
+    of allocating two more [N, V] tensors as autograd's log_softmax + nll_loss do (no double backward).
+    logits [N, V], target [N]."""
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index):
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V] fp32
+        valid = target != ignore_index  # [N]
+        index = target.masked_fill(~valid, 0)[:, None]  # [N, 1]
+        count = valid.sum()
+        ctx.save_for_backward(logp, index, valid, count)
+        ctx.dtype = logits.dtype
+        return -(logp.gather(1, index).squeeze(1) * valid).sum() / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        logp, index, valid, count = ctx.saved_tensors
+        keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)()  # retain_graph
+        g = (logp.clone() if keep else logp).exp_()  # [N, V] softmax
+        g.scatter_add_(1, index, -valid[:, None].to(g.dtype))  # - one-hot of each counted target
+        g.mul_((valid * (grad / count))[:, None])  # ignored rows get 0
+        return g.to(ctx.dtype), None, None
 
 
 class Llama(nn.Module):

@@ -71,6 +71,8 @@ def check_options(obj) -> None:
     """Check every declared field of `obj` against its declaration; ConfigError (one line) on the first bad one."""
     for f, kind, optional, many in declared_fields(type(obj)):
         value, name = getattr(obj, f.name), flag_name(f).replace("--no-", "--")
+        if f.metadata.get("positional"):
+            name = f.metadata.get("metavar", f.name.upper())  # as the usage line shows it
         if value is None:
             if not optional and default_of(f) is not None:
                 raise ConfigError(f"{name} must be given")

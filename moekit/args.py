@@ -40,8 +40,8 @@ def add_options(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser
             continue
         kw: dict[str, Any] = {"help": help_text(f, default)}
         if meta.get("positional"):
-            optional = {"nargs": "?", "default": default} if default is None else {}
-            parser.add_argument(f.name, metavar=meta.get("metavar", f.name.upper()), **optional, **kw)
+            nargs = {"nargs": "+"} if many else {"nargs": "?", "default": default} if default is None else {}
+            parser.add_argument(f.name, metavar=meta.get("metavar", f.name.upper()), **nargs, **kw)
             continue
         kw.update(dest=f.name, default=default)
         if kind is bool:

@@ -18,8 +18,8 @@ from llama.errors import MoekitError
 from llama.io import package_version
 from llama.options import option
 from moe.accounting.cost import Plan
-from moe.bench.options import GemmBenchOptions, LayerBenchOptions
-from moe.train.options import GenerateOptions, TokenizerOptions, TrainOptions
+from moe.bench.options import GemmBenchOptions, LayerBenchOptions, TrainBenchOptions
+from moe.train.options import GenerateOptions, PlotOptions, TokenizerOptions, TrainOptions
 from upcycle.options import UpcycleOptions, VerifyOptions
 
 from .args import Parser, add_options, given_options, options_from, print_error
@@ -126,6 +126,13 @@ def _generate(args, options: GenerateOptions) -> int:
     return 0
 
 
+def _plot(args, options: PlotOptions) -> int:
+    from moe.train.plot import plot
+
+    plot(options)
+    return 0
+
+
 def _bench_layer(args, options: LayerBenchOptions) -> int:
     from moe.bench.layer import run
 
@@ -135,6 +142,13 @@ def _bench_layer(args, options: LayerBenchOptions) -> int:
 
 def _bench_gemm(args, options: GemmBenchOptions) -> int:
     from moe.bench.gemm import run
+
+    run(options)
+    return 0
+
+
+def _bench_train(args, options: TrainBenchOptions) -> int:
+    from moe.bench.train import run
 
     run(options)
     return 0
@@ -177,11 +191,13 @@ COMMANDS = (
                                        "count (7B, 175e9)"),), (ParamsOutput,)),
     Command("train", TrainOptions, _train),
     Command("generate", GenerateOptions, _generate),
+    Command("plot", PlotOptions, _plot),
     Command("tokenizer", help="tokenizers for training: train one on text",
             subcommands=(Command("train", TokenizerOptions, _tokenizer_train),)),
-    Command("bench", help="benchmarks that print a table and write JSON: a routed layer, or the grouped-GEMM kernels",
-            subcommands=(Command("layer", LayerBenchOptions, _bench_layer),
-                         Command("gemm", GemmBenchOptions, _bench_gemm))),
+    Command("bench", help="benchmarks that print a table and write JSON: a routed layer, the grouped-GEMM kernels, or "
+            "training steps of an MoE model", subcommands=(Command("layer", LayerBenchOptions, _bench_layer),
+                                                            Command("gemm", GemmBenchOptions, _bench_gemm),
+                                                            Command("train", TrainBenchOptions, _bench_train))),
 )
 
 

@@ -5,6 +5,7 @@ import pytest
 
 from llama.config import LlamaConfig
 from moe.accounting import Plan, count_config, derive
+from moe.accounting.cost import known_peak_flops
 
 from helpers import moekit, moekit_json
 
@@ -78,3 +79,9 @@ def test_mistral_sliding_window_limits_context():
     assert r.figure("kv_cache_bytes").value == 4096 * 32 * 2 * 8 * 128 * 2
 
 
+
+
+def test_known_gpus_peak_flops_by_name_and_precision():
+    assert known_peak_flops("NVIDIA H200", half_precision=True) == 989e12
+    assert known_peak_flops("NVIDIA A100-SXM4-80GB", half_precision=False) == 19.5e12
+    assert known_peak_flops("CPU (x86_64)", half_precision=True) is None

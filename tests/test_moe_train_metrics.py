@@ -57,7 +57,8 @@ def test_training_metrics_lines(tmp_path):
                                                                                             rel=1e-4)
     last = lines[-1]
     flops = train_flops_per_token(r.model, 16)
-    assert last["mfu"] == pytest.approx(flops * last["tokens_per_s"] / 1e12, rel=1e-3)
+    # tokens_per_s is logged rounded to 0.1 (MFU from the unrounded value): on a loaded CPU a few tokens/s
+    assert last["mfu"] == pytest.approx(flops * last["tokens_per_s"] / 1e12, abs=flops * 0.05 / 1e12, rel=1e-3)
     assert last["ppl"] == pytest.approx(math.exp(last["lm_loss"]), rel=1e-4)
     E = r.model.config.num_local_experts
     assert len(last["expert_fraction"]) == 2 and all(len(row) == E and sum(row) == pytest.approx(1, abs=1e-4)

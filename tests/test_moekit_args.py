@@ -55,3 +55,23 @@ def test_bad_values_fail_in_the_dataclass_and_usage_errors_in_one_line(capsys):
         parse("m", "--out", "o", "--mode", "c")
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid choice: 'c'" in err and "(see t --help)" in err
+
+
+@dataclass
+class ListOptions:
+    runs: list[str] = option(help="runs", metavar="RUN", positional=True)
+    out: str | None = option(None, "where", metavar="DIR")
+
+    def __post_init__(self):
+        check_options(self)
+
+
+def test_a_positional_list_takes_one_or_more_values(capsys):
+    parser = add_options(Parser(prog="t"), ListOptions)
+    assert options_from(ListOptions, parser.parse_args(["a", "b", "--out", "o"])) == ListOptions(["a", "b"], "o")
+    assert options_from(ListOptions, parser.parse_args(["a"])).runs == ["a"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", "o"])
+    assert "the following arguments are required: RUN" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="RUN must be a non-empty list"):
+        ListOptions([])

@@ -23,12 +23,12 @@ def commands():
 
 
 @pytest.mark.parametrize("argv", [[]] + [argv for argv, _ in commands()], ids=lambda a: " ".join(a) or "moekit")
-def test_help_imports_no_torch(argv):
+def test_help_imports_no_torch_numpy_or_matplotlib(argv):
     code = ("import sys\nfrom moekit.cli import main\ntry:\n    main(sys.argv[1:] + ['--help'])\n"
-            "except SystemExit:\n    pass\nprint('torch' in sys.modules, 'numpy' in sys.modules)")
+            "except SystemExit:\n    pass\nprint(*(m in sys.modules for m in ('torch', 'numpy', 'matplotlib')))")
     out = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "False False", out.stdout[-500:]
+    assert out.stdout.strip().splitlines()[-1] == "False False False", out.stdout[-500:]
 
 
 @pytest.mark.parametrize("argv, command", list(commands()), ids=lambda x: " ".join(x) if isinstance(x, list) else "")

@@ -18,6 +18,21 @@ from .formulas import ParamCount
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1,
                "int4": 0.5}
 SECONDS_PER_DAY = 86400
+# Dense peak FLOP/s of one device by name (NVIDIA data sheets, SXM parts, without sparsity): (16-bit tensor, fp32).
+PEAK_FLOPS = {
+    "H200": (989e12, 67e12), "H100": (989e12, 67e12), "H800": (989e12, 67e12), "A100": (312e12, 19.5e12),
+    "A800": (312e12, 19.5e12), "L40S": (362e12, 91.6e12), "L4": (121e12, 30.3e12), "A10": (125e12, 31.2e12),
+    "RTX 4090": (165e12, 82.6e12), "V100": (125e12, 15.7e12),
+}
+
+
+def known_peak_flops(device_name: str, half_precision: bool) -> float | None:
+    """The peak FLOP/s of a GPU named `device_name` (e.g. torch.cuda.get_device_name()) in 16-bit or fp32 math;
+    None for a device not in PEAK_FLOPS."""
+    for key, (half, full) in PEAK_FLOPS.items():
+        if key in device_name:
+            return half if half_precision else full
+    return None
 
 
 @dataclass

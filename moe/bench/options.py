@@ -1,9 +1,10 @@
-"""What `moekit bench layer` and `moekit bench gemm` are asked to measure, declared once."""
+"""What `moekit bench layer`, `moekit bench gemm` and `moekit bench train` are asked to measure, declared once."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llama.errors import ConfigError
 from llama.options import MAX_SEED, check_options, option
 
 CONTENDERS = ("moekit", "hf-eager", "hf-grouped_mm", "megablocks", "dense-equivalent")
@@ -81,6 +82,72 @@ class GemmBenchOptions:
     def __post_init__(self):
         check_options(self)
         if self.top_k > self.experts:
-            from llama.errors import ConfigError
-
             raise ConfigError(f"--top-k {self.top_k} is greater than --experts {self.experts}")
+
+
+TRAIN_CONTENDERS = ("moekit", "hf-grouped_mm", "hf-eager", "hf-batched_mm")
+ADAMW = ("fused", "foreach", "loop")
+TRAIN_DEFAULTS = dict(layers=4, hidden=512, ffn=1408, experts=8, top_k=2, heads=8, kv_heads=2, vocab=8192, batch=8,
+                      seq_len=256, dtype="fp32")
+TRAIN_PRESETS = {  # ~1B active (1.05B matmul weights per token; 3.6B in all), as a GPU measures it
+    "1b": dict(layers=12, hidden=2048, ffn=5632, experts=8, top_k=2, heads=16, kv_heads=8, vocab=32000, batch=8,
+               seq_len=2048, dtype="bf16"),
+}
+
+
+@dataclass
+class TrainBenchOptions:
+    """training steps of one MoE model: moekit vs transformers' Mixtral
+
+    Tokens/s (and MFU where a peak is known) of full training steps (forward with the LM and load-balancing
+    losses, backward, gradient clipping, AdamW) of the same MoE model through moekit's MoEForCausalLM and through
+    transformers' MixtralForCausalLM with each experts implementation, on the same weights, batch, AdamW and
+    precision, round robin; then a torch.profiler breakdown of one step of each: the share in matrix
+    multiplications and the time outside them. On a GPU: moekit bench train --preset 1b --json PATH."""
+
+    preset: str | None = option(None, "1b: about 1B active parameters (12 layers, H=2048, F=5632, 8 experts top-2, "
+                                "16 heads / 8 KV, vocabulary 32000, batch 8 x 2048, bf16); options given as well "
+                                "override it", choices=tuple(TRAIN_PRESETS))
+    layers: int | None = option(None, "decoder layers (all MoE)", metavar="L", min=1, default_text="4")
+    hidden: int | None = option(None, "H", metavar="H", min=1, default_text="512")
+    ffn: int | None = option(None, "expert width F", metavar="F", min=1, default_text="1408")
+    experts: int | None = option(None, "E", metavar="E", min=1, default_text="8")
+    top_k: int | None = option(None, "k", metavar="K", min=1, default_text="2")
+    heads: int | None = option(None, "attention heads", metavar="N", min=1, default_text="8")
+    kv_heads: int | None = option(None, "key/value heads", metavar="N", min=1, default_text="2")
+    vocab: int | None = option(None, "vocabulary size", metavar="V", min=2, default_text="8192")
+    batch: int | None = option(None, "sequences per step", metavar="B", min=1, default_text="8")
+    seq_len: int | None = option(None, "tokens per sequence", metavar="S", min=2, default_text="256")
+    dtype: str | None = option(None, "parameters, activations and AdamW states", choices=DTYPES[:2],
+                               default_text="fp32")
+    device: str = option("auto", "auto (cuda if torch sees a GPU, else cpu), cpu, cuda, cuda:N")
+    repeats: int | None = option(None, "timed steps of each contender, round robin", metavar="N", min=1,
+                                 default_text="5 on CPU, 10 on CUDA")
+    warmup: int | None = option(None, "untimed steps first", metavar="N", min=0, default_text="1 on CPU, 2 on CUDA")
+    threads: int | None = option(None, "torch threads", metavar="N", min=1, default_text="torch's")
+    only: list[str] | None = option(None, f"time only these contenders, of {', '.join(TRAIN_CONTENDERS)} "
+                                    "(hf-batched_mm gathers a weight copy per token copy: small sizes only)",
+                                    metavar="NAME", choices=TRAIN_CONTENDERS,
+                                    default_text="moekit, hf-grouped_mm and (on CPU) hf-eager")
+    adamw: str = option("fused", "AdamW implementation of every contender (moekit's trainer: fused)",
+                        choices=ADAMW)
+    peak_flops: float | None = option(None, "peak FLOP/s of the device, for MFU", metavar="FLOPS", gt=0,
+                                      default_text="known GPUs by name; n/a on CPU")
+    profile_steps: int = option(3, "steps of each contender under torch.profiler, for the time in matrix "
+                                "multiplications; 0 = none", metavar="N", min=0)
+    seed: int = option(0, "seed of the weights and the batch", metavar="N", min=0, max=MAX_SEED)
+    json: str | None = option(None, "write the results as JSON to this path", metavar="PATH")
+
+    def __post_init__(self):
+        check_options(self)
+
+    def model_kwargs(self) -> dict:
+        """The defaults, then the preset's values, then the options given."""
+        given = {k: getattr(self, k) for k in TRAIN_DEFAULTS if getattr(self, k) is not None}
+        kw = {**TRAIN_DEFAULTS, **TRAIN_PRESETS.get(self.preset or "", {}), **given}
+        if kw["top_k"] > kw["experts"]:
+            raise ConfigError(f"--top-k {kw['top_k']} is greater than --experts {kw['experts']}")
+        if kw["heads"] % kw["kv_heads"] or kw["hidden"] % kw["heads"]:
+            raise ConfigError(f"--heads {kw['heads']} must divide --hidden {kw['hidden']} and be a multiple of "
+                              f"--kv-heads {kw['kv_heads']}")
+        return kw

@@ -20,24 +20,14 @@ import math
 import torch
 
 from moe.accounting import Plan, count_params, derive
-
-# Dense peak FLOP/s of one device by name (NVIDIA data sheets, SXM parts, without sparsity): (16-bit tensor, fp32).
-PEAK_FLOPS = {
-    "H200": (989e12, 67e12), "H100": (989e12, 67e12), "H800": (989e12, 67e12), "A100": (312e12, 19.5e12),
-    "A800": (312e12, 19.5e12), "L40S": (362e12, 91.6e12), "L4": (121e12, 30.3e12), "A10": (125e12, 31.2e12),
-    "RTX 4090": (165e12, 82.6e12), "V100": (125e12, 15.7e12),
-}
+from moe.accounting.cost import known_peak_flops
 
 
 def device_peak_flops(device: torch.device, mixed_precision: str) -> float | None:
     """The peak FLOP/s of a known GPU at this precision; None on CPU or an unknown device."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, (half, full) in PEAK_FLOPS.items():
-        if key in name:
-            return half if mixed_precision in ("bf16", "fp16") else full
-    return None
+    return known_peak_flops(torch.cuda.get_device_name(device), mixed_precision in ("bf16", "fp16"))
 
 
 def train_flops_per_token(model, seq_len: int) -> float:

@@ -144,3 +144,25 @@ class GenerateOptions:
         check_options(self)
         if not self.model:
             raise ConfigError("MODEL is required: a checkpoint directory")
+
+
+@dataclass
+class PlotOptions:
+    """plot training runs: loss curves, expert load, learning rate and throughput (PNG)
+
+    Read the metrics.jsonl (and train_config.json) of finished runs (OUT) or runs in progress (OUT.partial) and
+    write PNG files to DIR: loss.png (train and validation loss against training tokens and training FLOPs, the
+    runs overlaid), lr_throughput.png (learning rate and tokens/s against steps) and, for each MoE run,
+    experts-NAME.png (per MoE layer, each expert's share of the token copies over the steps) and load-NAME.png
+    (max/mean load, dead experts and router entropy per layer). Needs matplotlib (pip install 'moekit[plot]')."""
+
+    runs: list[str] = option(help="training runs: `moekit train` output directories (OUT, or OUT.partial of a run "
+                             "in progress) holding metrics.jsonl", metavar="RUN", positional=True)
+    out: str | None = option(None, "directory for the PNG files (must not exist unless --force)", metavar="DIR",
+                             required=True)
+    force: bool = option(False, "replace DIR if it exists")
+
+    def __post_init__(self):
+        check_options(self)
+        if not self.out or not self.out.strip():
+            raise ConfigError("--out is empty; expected a directory name")
