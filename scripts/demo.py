@@ -18,15 +18,16 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPTS = ("def fibonacci(n):", "import os\n\n\ndef read_lines(path):", "class Stack:\n    def __init__(self):")
+PROMPTS = ("def fibonacci(n):", "def read_lines(path):", "class Stack:", "    for key, value in")
 SIZES = {  # the default, and a toy size for the test of this script (seconds)
-    "full": dict(preset="small", vocab=4096, pretrain_steps=600, continue_steps=300, batch=16, seq_len=256,
+    "full": dict(preset="mini", vocab=4096, pretrain_steps=400, continue_steps=200, batch=16, seq_len=256,
                  lr_pretrain="3e-3", lr_continue="1e-3", eval_every=50, save_every=100, eval_batches=8),
     "toy": dict(preset="tiny", vocab=320, pretrain_steps=6, continue_steps=4, batch=2, seq_len=32,
                 lr_pretrain="3e-3", lr_continue="1e-3", eval_every=2, save_every=2, eval_batches=1),
@@ -35,8 +36,7 @@ SIZES = {  # the default, and a toy size for the test of this script (seconds)
 
 def moekit(*args: str, head: int | None = None, quiet: bool = False) -> str:
     """Run the moekit command line as a user would; echo the command and (the first `head` lines of) its output."""
-    print("  $ moekit " + " ".join(a if a.strip() and " " not in a and "\n" not in a else json.dumps(a)
-                                  for a in args), flush=True)
+    print("  $ moekit " + " ".join(shlex.quote(a) for a in args), flush=True)
     p = subprocess.run([sys.executable, "-m", "moekit", *args], capture_output=True, text=True, cwd=ROOT)
     out = (p.stdout + p.stderr).rstrip()
     if not quiet:
@@ -44,6 +44,12 @@ def moekit(*args: str, head: int | None = None, quiet: bool = False) -> str:
     if p.returncode:
         raise SystemExit(f"moekit {args[0]} failed (exit code {p.returncode}):\n{out[-2000:]}")
     return p.stdout
+
+
+def _short(path: str) -> str:
+    """`path` relative to the repository when it lies inside it (shorter commands to read and copy)."""
+    rel = os.path.relpath(path, ROOT)
+    return path if rel.startswith("..") else rel
 
 
 def train(out: str, *args: str) -> None:
@@ -58,15 +64,17 @@ def train(out: str, *args: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"), help="working directory (runs/demo)")
+    p.add_argument("--out", default="runs/demo", help="working directory (runs/demo)")
     p.add_argument("--fresh", action="store_true", help="start over: remove the working directory first")
     p.add_argument("--seed", default="0", help="seed of the pretraining and the continuations (0)")
     p.add_argument("--toy", action="store_true", help="a toy size that runs in seconds (for tests)")
-    p.add_argument("--docs", default=os.path.join(ROOT, "docs", "demo"),
+    p.add_argument("--docs", default="docs/demo",
                    help="where a copy of the pictures goes, for the README ('' for none)")
     args = p.parse_args()
     size = SIZES["toy" if args.toy else "full"]
     t0 = time.time()
+    args.out, args.docs = (_short(os.path.abspath(p)) if p else p for p in (args.out, args.docs))
+    os.chdir(ROOT)  # the moekit commands run here: paths are shown relative to the repository
     if args.fresh and os.path.isdir(args.out):
         shutil.rmtree(args.out)
     os.makedirs(args.out, exist_ok=True)
