@@ -65,7 +65,7 @@ def test_preset_and_overrides():
     assert TrainBenchOptions(preset="1b", batch=2).model_kwargs() == dict(
         layers=12, hidden=2048, ffn=5632, experts=8, top_k=2, heads=16, kv_heads=8, vocab=32000, batch=2,
         seq_len=2048, dtype="bf16")
-    assert TrainBenchOptions().model_kwargs()["hidden"] == 512  # the CPU size of issue 13
+    assert TrainBenchOptions().model_kwargs()["hidden"] == 512  # the CPU size: 4 layers, H=512, 8 experts top-2
 
 
 def test_the_1b_preset_has_about_1b_active_parameters(capsys):

@@ -18,8 +18,8 @@ torch.profiler, per pass: `matmul_s` the self time of the GEMM ops (aten::mm, ad
 ...; device time on GPU), `attention_s` that of the fused SDPA kernels (matrix products too, the same op in both),
 `matmul_share` = matmul_s / the profiled pass (attention_share likewise), `non_gemm_share` the rest.
 `model_non_gemm_s` = forward_backward_s x non_gemm_share: the time of the timed forward+backward outside matrix
-products (elementwise ops, routing, permutations, losses, allocation, Python), as issue 13 reads a profile;
-`non_gemm_s` adds the optimizer. The target (issue 13): moekit's step >= 1.05x as fast as transformers' fastest
+products (elementwise ops, routing, permutations, losses, allocation, Python);
+`non_gemm_s` adds the optimizer. The target: moekit's step >= 1.05x as fast as transformers' fastest
 implementation, and its model_non_gemm_s <= half of that one's (`non_gemm_ratio`).
 """
 
