@@ -19,6 +19,7 @@ from .checkpoint import CheckpointReader, dtype_from_name, dtype_name, save_stat
 from .config import LlamaConfig
 from .errors import CheckpointError, ConfigError
 from .io import AtomicDir, write_json
+from .loss import causal_lm_head_loss, causal_lm_loss
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -156,44 +157,9 @@ def attention_bias_mask(S: int, past: int, attention_mask, device) -> torch.Tens
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # [B, S, V]
+    logits: torch.Tensor | None  # [B, S, V]; None when asked for the loss only (return_logits=False)
     loss: torch.Tensor | None = None
     aux: list[Any] = field(default_factory=list)  # per layer: what its feed-forward module returned beside y
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32: logits[:, t] predicts labels[:, t+1]. The labels are shifted, not
-    the logits (the last position gets ignore_index), so the [B, S, V] logits are never copied."""
-    V = logits.shape[-1]
-    target = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # [B, S]
-    return _CrossEntropy.apply(logits.reshape(-1, V), target.reshape(-1), ignore_index)
-
-
-class _CrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(logits.float(), target, ignore_index=...) (the mean over the targets not ignored) whose
-    backward turns the saved log-probabilities into the gradient in place (softmax - one-hot, scaled), instead
-    of allocating two more [N, V] tensors as autograd's log_softmax + nll_loss do (no double backward).
-    logits [N, V], target [N]."""
-
-    @staticmethod
-    def forward(ctx, logits, target, ignore_index):
-        logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V] fp32
-        valid = target != ignore_index  # [N]
-        index = target.masked_fill(~valid, 0)[:, None]  # [N, 1]
-        count = valid.sum()
-        ctx.save_for_backward(logp, index, valid, count)
-        ctx.dtype = logits.dtype
-        return -(logp.gather(1, index).squeeze(1) * valid).sum() / count
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        logp, index, valid, count = ctx.saved_tensors
-        keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)()  # retain_graph
-        g = (logp.clone() if keep else logp).exp_()  # [N, V] softmax
-        g.scatter_add_(1, index, -valid[:, None].to(g.dtype))  # - one-hot of each counted target
-        g.mul_((valid * (grad / count))[:, None])  # ignored rows get 0
-        return g.to(ctx.dtype), None, None
 
 
 class Llama(nn.Module):
@@ -223,12 +189,20 @@ class Llama(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, cache: KVCache | None = None) -> CausalLMOutput:
-        """input_ids [B, S] (and attention_mask [B, L] of 1/0, labels [B, S] with -100 ignored)."""
+    def forward(self, input_ids, attention_mask=None, labels=None, cache: KVCache | None = None,
+                return_logits: bool = True) -> CausalLMOutput:
+        """input_ids [B, S] (and attention_mask [B, L] of 1/0, labels [B, S] with -100 ignored). With labels and
+        return_logits=False, the loss is fused with the LM head (`causal_lm_head_loss`) and logits is None."""
         h, aux = self.model(input_ids, attention_mask, cache)  # [B, S, H]
-        logits = self.lm_head(h)  # [B, S, V]
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        logits, loss = self.head(h, labels, return_logits)
         return CausalLMOutput(logits=logits, loss=loss, aux=aux)
+
+    def head(self, h: torch.Tensor, labels=None, return_logits: bool = True):
+        """h [B, S, H] -> (logits [B, S, V] or None, LM loss or None)."""
+        if labels is not None and not return_logits:
+            return None, causal_lm_head_loss(h, self.lm_head.weight, labels)
+        logits = self.lm_head(h)  # [B, S, V]
+        return logits, causal_lm_loss(logits, labels) if labels is not None else None
 
     def num_parameters(self) -> int:
         """Parameters, tied weights counted once."""

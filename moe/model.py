@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from llama.checkpoint import CheckpointReader, dtype_name
-from llama.model import MLP, KVCache, Llama, causal_lm_loss
+from llama.model import MLP, KVCache, Llama
 
 from . import formats
 from .config import MoEConfig
@@ -31,7 +31,7 @@ from .router import Router
 
 @dataclass
 class MoECausalLMOutput:
-    logits: torch.Tensor  # [B, S, V]
+    logits: torch.Tensor | None  # [B, S, V]; None when asked for the loss only (return_logits=False)
     loss: torch.Tensor | None = None  # lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # load-balancing loss (transformers' load_balancing_loss_func)
@@ -63,13 +63,13 @@ class MoEForCausalLM(Llama):
             nn.init.zeros_(module.e_score_correction_bias)
 
     def forward(self, input_ids, attention_mask=None, labels=None, cache: KVCache | None = None,
-                global_balance: bool = False) -> MoECausalLMOutput:
+                global_balance: bool = False, return_logits: bool = True) -> MoECausalLMOutput:
         """input_ids [B, S] (attention_mask [B, L] of 1/0, labels [B, S] with -100 ignored). `global_balance`:
         the load-balancing loss takes its token fractions over every data-parallel process's batch (all-reduced;
-        a no-op in a single process)."""
+        a no-op in a single process). return_logits=False: the loss only, fused with the LM head (logits None)."""
         cfg = self.config
         h, aux = self.model(input_ids, attention_mask, cache)  # [B, S, H], per layer MoEAux or None
-        logits = self.lm_head(h)  # [B, S, V]
+        logits, lm_loss = self.head(h, labels, return_logits)  # [B, S, V] or None
         routed = [a for a in aux if a is not None]
         aux_loss = z_loss = None
         if routed:
@@ -77,7 +77,7 @@ class MoEForCausalLM(Llama):
                                            [a.expert_ids for a in routed], attention_mask,
                                            _all_reduce_sum if global_balance else None)
             z_loss = router_z_loss([a.logits for a in routed], attention_mask)
-        loss = lm_loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = lm_loss
         if loss is not None and routed:
             if cfg.router_aux_loss_coef:
                 loss = loss + cfg.router_aux_loss_coef * aux_loss

@@ -35,6 +35,23 @@ def test_matches_transformers_logits_loss_grads(kv_heads, rope, tied):
         assert (p.grad - hf_params[name].grad).abs().max().item() <= 1e-5, name
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_loss_fused_with_the_lm_head_matches_transformers(tied):
+    ours = Llama(tiny(num_key_value_heads=2, tie_word_embeddings=tied))
+    hf = hf_llama(ours)
+    ids = torch.randint(0, 97, (2, 37))
+    labels = ids.clone()
+    labels[1, 20:] = -100
+    out = ours(ids, labels=labels, return_logits=False)
+    ref = hf(input_ids=ids, labels=labels)
+    assert out.logits is None and abs(out.loss.item() - ref.loss.item()) <= 1e-6
+    out.loss.backward()
+    ref.loss.backward()
+    hf_params = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        assert (p.grad - hf_params[name].grad).abs().max().item() <= 1e-5, name
+
+
 def test_attention_bias_and_mlp_bias_match_transformers():
     ours = Llama(tiny(num_key_value_heads=3, attention_bias=True, mlp_bias=True, head_dim=12))
     for name, p in ours.named_parameters():

@@ -3,7 +3,8 @@
 Contenders, all holding the same initial weights (copied from moekit's model), fed the same batch ids [B, S]
 (labels = ids), in the same precision, each with its own AdamW (lr 1e-4, betas (0.9, 0.95), weight decay 0.1,
 fused as moekit's trainer uses it, or --adamw foreach / loop):
-  moekit         MoEForCausalLM (router + kernels.swiglu_experts); loss = LM loss + aux coef x load balancing
+  moekit         MoEForCausalLM (router + kernels.swiglu_experts, the LM loss fused with the LM head as moekit's
+                 trainer runs it: return_logits=False); loss = LM loss + aux coef x load balancing
   hf-grouped_mm  transformers' MixtralForCausalLM, experts_implementation "grouped_mm", SDPA attention,
                  output_router_logits=True (the same loss)
   hf-eager       the same with "eager" experts (a loop over the experts)
@@ -14,7 +15,7 @@ A step: zero_grad(set_to_none) -> forward -> backward (timed together: forward_b
 GPU). MFU = training FLOPs per token (moekit's accounting: 3 x forward) x tokens/s / peak.
 
 Profile: `profile_steps` more forward+backward passes of each (round robin, an optimizer step after each) under
-torch.profiler, per pass: `matmul_s` the self time of the GEMM ops (aten::mm, addmm, bmm, baddbmm, _grouped_mm,
+torch.profiler, per pass: `matmul_s` the self time of the GEMM ops (aten::mm, addmm(_), bmm, baddbmm, _grouped_mm,
 ...; device time on GPU), `attention_s` that of the fused SDPA kernels (matrix products too, the same op in both),
 `matmul_share` = matmul_s / the profiled pass (attention_share likewise), `non_gemm_share` the rest.
 `model_non_gemm_s` = forward_backward_s x non_gemm_share: the time of the timed forward+backward outside matrix
@@ -45,7 +46,7 @@ from .layer import resolve_device
 from .options import TrainBenchOptions
 from .timing import environment, time_once
 
-GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::addmv",
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::addmv",
             "aten::mv", "aten::dot"}
 TARGET = {"speedup_min": 1.05, "non_gemm_ratio_max": 0.5}
 
@@ -74,7 +75,7 @@ def hf_mixtral(ours: MoEForCausalLM, implementation: str) -> torch.nn.Module:
 
 def loss_fn(name: str, model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
     if name == "moekit":
-        return lambda: model(ids, labels=ids).loss
+        return lambda: model(ids, labels=ids, return_logits=False).loss  # as moekit's trainer calls it
     return lambda: model(input_ids=ids, labels=ids, output_router_logits=True).loss
 
 

@@ -149,7 +149,7 @@ def evaluate(model, data: TokenData, options: TrainOptions, accelerator) -> floa
     losses = []
     for ids in data.val_batches(options.eval_batches, options.batch_size, accelerator.process_index,
                                 accelerator.num_processes):
-        out = model(ids.to(accelerator.device), labels=ids.to(accelerator.device))
+        out = model(ids.to(accelerator.device), labels=ids.to(accelerator.device), return_logits=False)
         losses.append(out.lm_loss if hasattr(out, "lm_loss") else out.loss)
     model.train()
     return accelerator.reduce(torch.stack(losses).mean(), "mean").item()
@@ -270,7 +270,8 @@ def _train(options: TrainOptions, accelerator, work: WorkDir | None, log) -> Tra
             counts = None  # [L_moe, E] token copies per expert over the step's micro-batches
             for i, ids in enumerate(batch.split(B)):  # micro-batches [B, S+1]
                 with accelerator.no_sync(model) if i < A - 1 else nullcontext():
-                    out = model(ids, labels=ids, **({"global_balance": True} if options.balance == "global" else {}))
+                    out = model(ids, labels=ids, return_logits=False,  # the loss fused with the LM head
+                                **({"global_balance": True} if options.balance == "global" else {}))
                     accelerator.backward(out.loss / A)
                 interval.add("loss", out.loss / A)
                 if is_moe:
