@@ -49,11 +49,20 @@ class RotaryEmbedding(nn.Module):
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] (halves of the last dimension)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, N, S, D], cos/sin [B, S, D] -> x rotated."""
+def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, N, S, D], cos/sin [B, S, D] -> x * cos + rotate_half(x) * sin, as transformers writes it."""
     cos, sin = cos[:, None], sin[:, None]
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The same in fewer passes over x: rotate_half(x) * sin = roll(x, D/2) * [-sin1, sin2] (sin's halves
+    sin1, sin2), so one roll and one multiply-add replace chunk, neg, cat, mul and add (and their backward)."""
+    half = x.shape[-1] // 2
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # [B, S, D], small
+    return torch.addcmul(x * cos[:, None], torch.roll(x, half, dims=-1), signed_sin[:, None])

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from llama import LlamaConfig
-from llama.rope import RotaryEmbedding, apply_rotary, rotate_half
+from llama.rope import RotaryEmbedding, apply_rotary, apply_rotary_reference, rotate_half
 
 SCALINGS = {
     "default": None,
@@ -45,3 +45,19 @@ def test_rotation_keeps_norms_and_relative_positions():
     # q.k depends only on the distance between the positions
     assert torch.allclose((rotated(q, 3) * rotated(k, 10)).sum(), (rotated(q, 103) * rotated(k, 110)).sum(), atol=1e-4)
     assert torch.equal(rotate_half(torch.tensor([1.0, 2.0, 3.0, 4.0])), torch.tensor([-3.0, -4.0, 1.0, 2.0]))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 8), (1, 1, 1, 2), (2, 4, 7, 128)])
+def test_fast_rotation_matches_the_reference_values_and_gradients(shape):
+    B, N, S, D = shape
+    x = torch.randn(B, S, N, D).transpose(1, 2).requires_grad_()  # a strided view, as q/k in the model
+    angles = torch.randn(B, S, D // 2)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    sin = sin + torch.randn_like(sin) * 0.1  # unequal halves: the identity holds for any sin
+    dy = torch.randn(B, N, S, D)
+    fast = apply_rotary(x, cos, sin)
+    (g_fast,) = torch.autograd.grad(fast, x, dy)
+    ref = apply_rotary_reference(x, cos, sin)
+    (g_ref,) = torch.autograd.grad(ref, x, dy)
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-6, atol=1e-6)
