@@ -46,8 +46,8 @@ from .layer import resolve_device
 from .options import TrainBenchOptions
 from .timing import environment, time_once
 
-GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::addmv",
-            "aten::mv", "aten::dot"}
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm",
+            "aten::addmv", "aten::mv", "aten::dot"}
 TARGET = {"speedup_min": 1.05, "non_gemm_ratio_max": 0.5}
 
 
