@@ -11,6 +11,8 @@ from llama import LlamaConfig
 from moe import MoEConfig, MoEFeedForward
 from moekit.cli import main
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, cwd of subprocess tests
+
 
 def moekit(capsys, *argv) -> tuple[int, str, str]:
     """Run `moekit ARGV` in-process: (exit code, stdout, stderr)."""
@@ -97,6 +99,16 @@ def bpe_tokenizer(directory, vocab_size: int = 320, bos: bool = True):
                    "pad_token": "<pad>", "chat_template": "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}"},
                   f)
     return tok
+
+
+def sharded_dense(path, vocab_size: int):
+    """A 2-layer H=32 dense Llama (seed 0) saved in 20 KB shards: a sharded checkpoint for the safety tests."""
+    from llama import Llama
+
+    torch.manual_seed(0)
+    Llama(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=64)).save_pretrained(path, max_shard_size="20KB")
+    return path
 
 
 def tiny_checkpoint(path, vocab_size: int = 320, dtype=None, tokenizer: bool = True, bos: bool = True):

@@ -9,22 +9,18 @@ import shutil
 import struct
 
 import pytest
-import torch
 
-from llama import Llama, LlamaConfig
+from llama import Llama
 from moekit.cli import main
 
-from helpers import bpe_tokenizer, one_line_error
+from helpers import bpe_tokenizer, one_line_error, sharded_dense
 
 COMMANDS = ("params", "verify", "upcycle", "train")
 
 
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("src") / "dense"
-    Llama(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=64)).save_pretrained(path, max_shard_size="20KB")
+    path = sharded_dense(tmp_path_factory.mktemp("src") / "dense", vocab_size=300)
     bpe_tokenizer(path, vocab_size=300)
     return path
 

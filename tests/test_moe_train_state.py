@@ -14,9 +14,8 @@ import torch
 
 from moe.train.loop import load_model
 
-from helpers import moekit, one_line_error
+from helpers import ROOT, moekit, one_line_error
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ["tiny-moe", "--steps", "12", "--batch-size", "2", "--seq-len", "16", "--log-every", "1", "--eval-every", "4",
        "--eval-batches", "1", "--save-every", "3", "--lr", "3e-3", "--router-bias-rate", "0.01", "--no-progress"]
 

@@ -11,26 +11,18 @@ import time
 from collections import namedtuple
 
 import pytest
-import torch
 from test_llama_checkpoint_safety import digest
 
-from llama import Llama, LlamaConfig
 from llama.io import locked_dir
 from moekit.cli import main
 from upcycle import verify_checkpoints
 
-from helpers import moekit, one_line_error
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, moekit, one_line_error, sharded_dense
 
 
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("src") / "dense"
-    Llama(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=64)).save_pretrained(path, max_shard_size="20KB")
-    return path
+    return sharded_dense(tmp_path_factory.mktemp("src") / "dense", vocab_size=300)
 
 
 def names(directory) -> list[str]:

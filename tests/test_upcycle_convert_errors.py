@@ -9,22 +9,16 @@ import sys
 import time
 
 import pytest
-import torch
 
-from llama import Llama, LlamaConfig
 from llama.checkpoint import INDEX_NAME
 from moekit.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, sharded_dense
 
 
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("src") / "dense"
-    Llama(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=64)).save_pretrained(path, max_shard_size="20KB")
-    return path
+    return sharded_dense(tmp_path_factory.mktemp("src") / "dense", vocab_size=101)
 
 
 def run_upcycle(capsys, *args):
