@@ -69,20 +69,22 @@ def causal_lm_head_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     GEMMs, the softmax passes in cache."""
     H = h.shape[-1]
     rows = chunk_rows or head_chunk_rows(weight.shape[0], h.device)
-    return _LinearCrossEntropy.apply(h.reshape(-1, H), weight, _shifted(labels, ignore_index), ignore_index, rows)
+    return _LinearCrossEntropy.apply(h.reshape(-1, H), weight, _shifted(labels, ignore_index), ignore_index, rows,
+                                     torch.is_grad_enabled())
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """h [N, H], weight [V, H], target [N] -> mean cross-entropy of h @ weight.T (fp32), gradients made in the
-    forward, chunk by chunk (no double backward)."""
+    forward, chunk by chunk (no double backward). `grad`: whether grad mode was on at the call (needs_input_grad
+    follows requires_grad only, so under no_grad it alone would still make the gradients)."""
 
     @staticmethod
-    def forward(ctx, h, weight, target, ignore_index, rows):
+    def forward(ctx, h, weight, target, ignore_index, rows, grad):
         N = h.shape[0]
         valid = target != ignore_index  # [N]
         index = target.masked_fill(~valid, 0)[:, None]  # [N, 1]
         count = valid.sum()
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_h, want_w = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
         g_h = torch.empty_like(h) if want_h else None  # [N, H]
         g_w = None  # [V, H] fp32, made by the first chunk
         scale = (valid / count)[:, None]  # [N, 1] d loss / d (each row's cross-entropy)
@@ -123,4 +125,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g_h = g_h * grad if keep else g_h.mul_(grad)
         if g_w is not None:
             g_w = (g_w * grad if keep else g_w.mul_(grad)).to(ctx.dtype)
-        return g_h, g_w, None, None, None
+        return g_h, g_w, None, None, None, None

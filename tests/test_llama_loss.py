@@ -96,3 +96,15 @@ def test_chunk_rows_follow_the_vocabulary():
     assert head_chunk_rows(128256, torch.device("cpu")) == 32
     assert head_chunk_rows(2**30, torch.device("cpu")) == 1
     assert head_chunk_rows(128256, torch.device("cuda")) == 261
+
+
+def test_fused_head_loss_makes_no_gradients_under_no_grad(monkeypatch):
+    h, w, labels = _case()
+    products = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: products.append(1) or mm(*a, **k))
+    with torch.no_grad():
+        causal_lm_head_loss(h, w, labels, chunk_rows=10)
+    assert products == []  # only the logits (`@`), no gradient products
+    causal_lm_head_loss(h, w, labels, chunk_rows=10)
+    assert len(products) == 12  # with grad: d h per chunk (111 tokens in chunks of 10)
