@@ -155,6 +155,13 @@ def evaluate(model, data: TokenData, options: TrainOptions, accelerator) -> floa
     return accelerator.reduce(torch.stack(losses).mean(), "mean").item()
 
 
+def check_finite(loss: float, step: int, shown: str | None = None) -> None:
+    """TrainingDiverged naming `shown` (default: the value) unless `loss` is finite."""
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"the training loss became {shown or loss} by step {step}; lower --lr or check the "
+                               "data and the source weights")
+
+
 def train(options: TrainOptions, log=print) -> TrainResult:
     """Train as `options` say; write OUT (see `moe.train.state`) unless `options.out` is None."""
     from accelerate import Accelerator
@@ -266,7 +273,11 @@ def _train(options: TrainOptions, accelerator, work: WorkDir | None, log) -> Tra
         bar = tqdm(range(start_step + 1, options.steps + 1), desc="train", unit="step", initial=start_step,
                    total=options.steps, disable=not (options.progress and main))
         for step in bar:
-            batch = data.train_batch(step, B, A, rank, world).to(accelerator.device)  # [A*B, S+1]
+            batch = data.train_batch(step, B, A, rank, world)  # [A*B, S+1]
+            if accelerator.device.type == "cuda":  # an asynchronous copy: no wait for the previous step's work
+                batch = batch.pin_memory().to(accelerator.device, non_blocking=True)
+            else:
+                batch = batch.to(accelerator.device)
             counts = None  # [L_moe, E] token copies per expert over the step's micro-batches
             for i, ids in enumerate(batch.split(B)):  # micro-batches [B, S+1]
                 with accelerator.no_sync(model) if i < A - 1 else nullcontext():
@@ -292,12 +303,11 @@ def _train(options: TrainOptions, accelerator, work: WorkDir | None, log) -> Tra
 
             entry = {}
             if step % options.log_every == 0 or step == options.steps:  # the host syncs of the loop
-                n, now = interval.steps, time.perf_counter()
+                n = interval.steps
                 values = interval.report(lambda v: accelerator.reduce(v, "mean"), lambda v: accelerator.reduce(v, "sum"))
+                now = time.perf_counter()  # after the sync in report: the interval's device work is done
                 train_loss = values["loss"]
-                if not math.isfinite(train_loss):
-                    raise TrainingDiverged(f"the training loss became {train_loss} by step {step}; lower --lr or "
-                                           "check the data and the source weights")
+                check_finite(train_loss, step)
                 tokens_per_s = n * tokens_per_step / (now - last_time)
                 lm = values.get("lm_loss", train_loss)
                 entry = {"lr": lr, "loss": train_loss, "ppl": round(perplexity(lm), 4),
@@ -317,9 +327,8 @@ def _train(options: TrainOptions, accelerator, work: WorkDir | None, log) -> Tra
                 record({"step": step, "tokens": step * tokens_per_step, **entry})
                 bar.set_postfix_str(f"loss {train_loss:.4f} val {val:.4f} lr {lr:.2e}")
             if work and options.save_every and step % options.save_every == 0 and step < options.steps:
-                if interval.steps and not bool(torch.isfinite(interval.sums["loss"]).item()):
-                    raise TrainingDiverged(f"the training loss became non-finite by step {step}; lower --lr or "
-                                           "check the data and the source weights")
+                if interval.steps:  # every process decides on the same (summed) value, so none waits alone
+                    check_finite(accelerator.reduce(interval.sums["loss"], "sum").item(), step, "non-finite")
                 save_state(accelerator, work, model, step, scheduler, interval, options, source, tokenizer)
                 last_time = time.perf_counter()
         bar.close()
