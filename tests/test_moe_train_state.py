@@ -155,3 +155,16 @@ def test_a_source_with_nan_weights_stops_at_the_first_log_step(tmp_path, capsys)
     rc, _, err = moekit(capsys, "train", tmp_path / "nan", "--tokenizer", "bytes", "--out", tmp_path / "run",
                         "--steps", "6", "--log-every", "3", "--batch-size", "2", "--seq-len", "8", "--no-progress")
     assert rc == 2 and err.count("\n") == 1 and "the training loss became nan by step 3" in err and sorted(os.listdir(tmp_path)) == ["nan"]
+
+
+def test_resume_drops_a_metrics_line_cut_by_the_kill(tmp_path):
+    from moe.train.state import WorkDir
+
+    work = WorkDir(str(tmp_path / "run"), main=True)
+    os.makedirs(work.path)
+    path = os.path.join(work.path, "metrics.jsonl")
+    with open(path, "w") as f:
+        f.write('{"step": 1, "tokens": 8}\n{"step": 2, "tokens": 16}\n{"step": 3, "tok')  # killed mid-line
+    assert work.truncate_metrics(1) == [{"step": 1, "tokens": 8}]
+    with open(path) as f:
+        assert f.read() == '{"step": 1, "tokens": 8}\n'

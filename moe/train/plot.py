@@ -23,7 +23,6 @@ without pyplot.
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import re
@@ -34,6 +33,7 @@ from llama.io import AtomicDir, check_path, read_json
 
 from .metrics import train_flops_per_token
 from .options import PlotOptions
+from .state import PARTIAL, metrics_lines
 
 
 @dataclass
@@ -59,8 +59,8 @@ class Run:
 
 def run_directory(path: str) -> str:
     """The directory holding RUN's metrics: RUN itself, or RUN.partial while the run has not finished."""
-    if not os.path.isdir(path) and os.path.isdir(path + ".partial"):
-        path += ".partial"
+    if not os.path.isdir(path) and os.path.isdir(path + PARTIAL):
+        path += PARTIAL
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: no such run directory; expected a `moekit train` output (OUT or OUT.partial)")
     if not os.path.isfile(os.path.join(path, "metrics.jsonl")):
@@ -69,23 +69,8 @@ def run_directory(path: str) -> str:
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The JSON objects of a metrics.jsonl; a last line still being written (no newline yet) is left out."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    rows = text.split("\n")
-    lines = []
-    for i, row in enumerate(rows, 1):
-        if not row.strip():
-            continue
-        try:
-            m = json.loads(row)
-        except json.JSONDecodeError:
-            if i == len(rows):  # the run is appending this line right now
-                break
-            raise ConfigError(f"{path} line {i}: not valid JSON; expected one JSON object per line") from None
-        if not isinstance(m, dict) or not isinstance(m.get("step"), int) or not isinstance(m.get("tokens"), int):
-            raise ConfigError(f"{path} line {i}: expected a JSON object with integer 'step' and 'tokens'")
-        lines.append(m)
+    """`metrics_lines(path)`, which must not be empty."""
+    lines = metrics_lines(path)
     if not lines:
         raise ConfigError(f"{path}: empty; the run has not logged a step yet")
     return lines
@@ -115,7 +100,7 @@ def read_runs(paths: list[str]) -> list[Run]:
     """Every RUN read and checked (one-line errors), named by its directory (with its parent where two share a
     name)."""
     directories = [run_directory(p) for p in paths]
-    names = [os.path.basename(os.path.abspath(d)).removesuffix(".partial") for d in directories]
+    names = [os.path.basename(os.path.abspath(d)).removesuffix(PARTIAL) for d in directories]
     for i, d in enumerate(directories):
         if names.count(names[i]) > 1:
             parent = os.path.basename(os.path.dirname(os.path.abspath(d)))
@@ -125,7 +110,7 @@ def read_runs(paths: list[str]) -> list[Run]:
     for d, name in zip(directories, names):
         seen[name] = seen.get(name, 0) + 1
         name = name if seen[name] == 1 else f"{name} #{seen[name]}"
-        name += " (in progress)" if d.endswith(".partial") else ""
+        name += " (in progress)" if d.endswith(PARTIAL) else ""
         runs.append(Run(d, name, read_metrics(os.path.join(d, "metrics.jsonl")), flops_per_token(d)))
     return runs
 

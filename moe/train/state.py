@@ -45,12 +45,36 @@ from .tokenizer import TOKENIZER_FILES, ByteTokenizer
 STATE = re.compile(r"step-(\d{6,})")
 
 
+PARTIAL = ".partial"  # OUT + PARTIAL: the work directory of a run not finished yet
+
+
+def metrics_lines(path: str) -> list[dict]:
+    """The JSON objects of a metrics.jsonl; a last line still being written (no newline yet, or cut by a kill)
+    is left out."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        rows = f.read().split("\n")
+    lines = []
+    for i, row in enumerate(rows, 1):
+        if not row.strip():
+            continue
+        try:
+            m = json.loads(row)
+        except json.JSONDecodeError:
+            if i == len(rows):  # the run is appending this line right now
+                break
+            raise ConfigError(f"{path} line {i}: not valid JSON; expected one JSON object per line") from None
+        if not isinstance(m, dict) or not isinstance(m.get("step"), int) or not isinstance(m.get("tokens"), int):
+            raise ConfigError(f"{path} line {i}: expected a JSON object with integer 'step' and 'tokens'")
+        lines.append(m)
+    return lines
+
+
 class WorkDir:
     """OUT.partial of one run (the main process holds its lock; other processes only read and write in it)."""
 
     def __init__(self, out: str, main: bool):
         self.out = check_path(out, "--out")
-        self.path = self.out + ".partial"
+        self.path = self.out + PARTIAL
         self.main, self._lock = main, None
 
     # ---- opening ----------------------------------------------------------------------------------------------
@@ -121,10 +145,7 @@ class WorkDir:
     def truncate_metrics(self, step: int) -> list[dict]:
         """Drop metric lines after `step` (logged after the state the run resumes from); return those kept."""
         path = os.path.join(self.path, "metrics.jsonl")
-        kept = []
-        if os.path.isfile(path):
-            with open(path) as f:
-                kept = [e for e in (json.loads(line) for line in f if line.strip()) if e.get("step", 0) <= step]
+        kept = [e for e in metrics_lines(path) if e["step"] <= step] if os.path.isfile(path) else []
         if self.main:
             with open(path + ".tmp", "w") as f:
                 f.writelines(json.dumps(e) + "\n" for e in kept)
