@@ -12,10 +12,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
+import threading
 import uuid
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -273,3 +275,15 @@ def clean_stale_temporaries(dst: str) -> None:
                     shutil.rmtree(path, ignore_errors=True)
                 finally:
                     os.close(fd)
+
+
+def file_sha256(path: str, stop: threading.Event | None = None) -> str:
+    """sha256 of a file, read 16 MiB at a time (for weight files: the digest the Hugging Face hub shows); gives up
+    (returning "") once `stop` is set."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            if stop is not None and stop.is_set():
+                return ""
+            h.update(chunk)
+    return h.hexdigest()

@@ -10,11 +10,9 @@ is about one dense tensor plus one output tensor, whatever the model size. The d
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from llama.io import (
     check_disjoint,
     check_free_space,
     check_path,
+    file_sha256,
     package_version,
     read_json,
     write_json,
@@ -302,17 +301,6 @@ def write_checkpoint(plan: Plan, sources: list, dst: str, options: UpcycleOption
         record["seconds"] = round(time.perf_counter() - start, 3)
         write_json(os.path.join(tmp, RECORD_NAME), record)
 
-
-def file_sha256(path: str, stop: threading.Event | None = None) -> str:
-    """sha256 of a file, read 16 MiB at a time (for weight files: the digest the Hugging Face hub shows); gives up
-    (returning "") once `stop` is set."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            if stop is not None and stop.is_set():
-                return ""
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def summary_line(src: str, dst: str, plan: Plan, record: dict) -> str:

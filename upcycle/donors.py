@@ -28,10 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from llama.checkpoint import CheckpointReader
 from llama.config import LlamaConfig
 from llama.errors import CheckpointError, ConfigError
-from llama.io import check_disjoint, check_path, package_version
+from llama.io import check_disjoint, check_path, file_sha256, package_version
 from moe import formats
 
-from .convert import Layout, Plan, file_sha256, plan_record, plan_upcycle, write_checkpoint
+from .convert import Layout, Plan, plan_record, plan_upcycle, write_checkpoint
 from .options import PROMPT_INITS, UpcycleOptions
 
 SHARED_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "hidden_act", "mlp_bias")

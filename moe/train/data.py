@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llama.errors import ConfigError
+from llama.io import file_sha256
 
 BUILTIN = ("builtin:arith", "builtin:python-stdlib", "builtin:python-stdlib-val")
 # The Python standard library's own sources: text every machine with Python has. Test suites, IDLE, Tk, 2to3 and
@@ -118,9 +119,8 @@ class Documents:
 
     def key_parts(self) -> Iterator[bytes]:
         yield f"{_CACHE_VERSION}|{self.kind}|{self.spec if self.kind == 'builtin' else ''}|{self.text_field}".encode()
-        for path in self.files:
-            with open(path, "rb") as f:
-                yield os.path.basename(path).encode() + hashlib.sha256(f.read()).digest()
+        for path in self.files:  # a datasets directory's .arrow files may be GBs: hashed 16 MiB at a time
+            yield os.path.basename(path).encode() + bytes.fromhex(file_sha256(path))
 
     def texts(self) -> Iterator[str]:
         if self.kind == "builtin":
