@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moe.accounting.sources import classify
+
 
 @dataclass
 class Schedule:
@@ -34,12 +36,12 @@ class Schedule:
 
 
 def is_router(name: str) -> bool:
-    return name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight"))
+    return classify(name) == "router"
 
 
 def is_expert(name: str) -> bool:
     """Routed and shared experts' weights, and the routers: what `--train experts` trains."""
-    return ".experts." in name or ".shared_expert" in name or is_router(name)
+    return classify(name) in ("router", "routed_experts", "shared_experts")
 
 
 def make_optimizer(model: nn.Module, schedule: Schedule, weight_decay: float, betas: tuple[float, float],
