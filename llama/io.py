@@ -164,11 +164,16 @@ def locked_dir(path: str) -> int:
     """Create directory `path` already holding an exclusive lock on it: made under a hidden name, locked, then
     renamed, so no one ever sees it unlocked. Returns the lock's file descriptor (close it to release)."""
     parent, base = os.path.split(path)
-    hidden = os.path.join(parent, f".{base}.new")
+    hidden = os.path.join(parent, f".{base}.new-{uuid.uuid4().hex[:8]}")  # unique: a killed run's leftover is inert
     os.mkdir(hidden)
     fd = os.open(hidden, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.rename(hidden, path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rename_noreplace(hidden, path)  # never over a directory that appeared meanwhile, even an empty one
+    except BaseException:
+        os.close(fd)
+        os.rmdir(hidden)
+        raise
     return fd
 
 
