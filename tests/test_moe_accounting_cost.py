@@ -84,4 +84,6 @@ def test_mistral_sliding_window_limits_context():
 def test_known_gpus_peak_flops_by_name_and_precision():
     assert known_peak_flops("NVIDIA H200", half_precision=True) == 989e12
     assert known_peak_flops("NVIDIA A100-SXM4-80GB", half_precision=False) == 19.5e12
+    assert known_peak_flops("NVIDIA A10G", half_precision=True) == 125e12
+    assert known_peak_flops("NVIDIA L40", half_precision=True) is None  # not an L4 (nor an L40S)
     assert known_peak_flops("CPU (x86_64)", half_precision=True) is None

@@ -8,6 +8,7 @@ attention's QK^T and AV products over the full context (non-causal, as in PaLM's
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from llama.errors import ConfigError
@@ -28,11 +29,31 @@ PEAK_FLOPS = {
 
 def known_peak_flops(device_name: str, half_precision: bool) -> float | None:
     """The peak FLOP/s of a GPU named `device_name` (e.g. torch.cuda.get_device_name()) in 16-bit or fp32 math;
-    None for a device not in PEAK_FLOPS."""
+    None for a device not in PEAK_FLOPS. A key matches where no digit follows it: "A10" names an A10G but not an
+    A100, "L4" not an L40."""
     for key, (half, full) in PEAK_FLOPS.items():
-        if key in device_name:
+        if re.search(re.escape(key) + r"(?![0-9])", device_name):
             return half if half_precision else full
     return None
+
+
+
+def device_peak_flops(device, precision: str) -> float | None:
+    """The peak FLOP/s of a known GPU (a torch.device) at `precision` (bf16 / fp16 count as 16-bit); None on CPU
+    or an unknown device."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return known_peak_flops(torch.cuda.get_device_name(device), precision in ("bf16", "fp16"))
+
+
+def train_flops_per_token(model, seq_len: int) -> float:
+    """Forward + backward FLOPs per token of a model (3 x forward: 2 per active matmul weight, plus attention
+    over the sequence), from `moekit params`' own accounting."""
+    from .sources import count_params
+
+    return 3 * derive(count_params(model), Plan(seq_len=seq_len)).figure("forward_flops_per_token").value
 
 
 @dataclass

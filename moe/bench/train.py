@@ -36,8 +36,7 @@ import torch
 
 from llama.checkpoint import dtype_from_name
 from llama.errors import MoekitError
-from moe.accounting import Plan, count_params, derive
-from moe.accounting.cost import known_peak_flops
+from moe.accounting.cost import device_peak_flops, train_flops_per_token
 from moe.config import MoEConfig
 from moe.formats import hf_config_dict
 from moe.model import MoEForCausalLM
@@ -175,8 +174,8 @@ def bench_train(layers: int = 4, hidden: int = 512, ffn: int = 1408, experts: in
         for n, c in runs.items():
             profiles[n].append(profile(c.forward_backward, device))
             c.optimizer_step()
-    fpt = 3 * derive(count_params(ours), Plan(seq_len=seq_len)).figure("forward_flops_per_token").value
-    peak = peak_flops or (known_peak_flops(torch.cuda.get_device_name(device), dtype != "fp32") if on_cuda else None)
+    fpt = train_flops_per_token(ours, seq_len)
+    peak = peak_flops or device_peak_flops(device, dtype)
     results = []
     for n in names:
         fb, opt = zip(*times[n])
