@@ -57,14 +57,19 @@ def load_balancing_loss(probs: Sequence[torch.Tensor], expert_ids: Sequence[torc
     return E * torch.sum(fraction * (prob_sum / rows))
 
 
-def router_z_loss(logits: Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ST-MoE z-loss: mean over layers and (unpadded) tokens of logsumexp(router logits)^2."""
+def router_z_losses(logits: Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE z-loss of each layer: [L_moe] means over (unpadded) tokens of logsumexp(router logits)^2."""
     total = []
     for lg in logits:
         z = torch.logsumexp(lg.float(), dim=-1).square()  # [T]
         mask = _flat_mask(attention_mask, lg.shape[0], lg.device)
         total.append(z.mean() if mask is None else (z * mask).sum() / mask.sum().clamp(min=1))
-    return torch.stack(total).mean()
+    return torch.stack(total)
+
+
+def router_z_loss(logits: Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE z-loss: the mean over layers of `router_z_losses`."""
+    return router_z_losses(logits, attention_mask).mean()
 
 
 @dataclass
@@ -80,9 +85,10 @@ class RouterStats:
     z_loss: torch.Tensor  # [L_moe] the router z-loss of each layer alone (unscaled)
 
 
-def routing_stats(aux: Sequence[MoEAux | None], score: str = "softmax",
-                  attention_mask: torch.Tensor | None = None) -> RouterStats | None:
-    """RouterStats from the per-layer aux list (None entries are dense layers); None without MoE layers."""
+def routing_stats(aux: Sequence[MoEAux | None], score: str = "softmax", attention_mask: torch.Tensor | None = None,
+                  z_losses: torch.Tensor | None = None) -> RouterStats | None:
+    """RouterStats from the per-layer aux list (None entries are dense layers); None without MoE layers.
+    z_losses: the per-layer z-losses when the caller has them already ([L_moe]), else computed here."""
     layers = [i for i, a in enumerate(aux) if a is not None]
     if not layers:
         return None
@@ -90,14 +96,15 @@ def routing_stats(aux: Sequence[MoEAux | None], score: str = "softmax",
         counts = torch.stack([aux[i].tokens_per_expert for i in layers])  # [L_moe, E]
         c = counts.float()
         max_load = c.max(-1).values / c.mean(-1).clamp(min=1e-9)
-        ents, balance, z = [], [], []
+        ents, balance = [], []
         for i in layers:
             p = router_probs(aux[i], score)
             ents.append(-(p * torch.log(p.clamp(min=1e-20))).sum(-1).mean())
             balance.append(load_balancing_loss([p], [aux[i].expert_ids], attention_mask))
-            z.append(router_z_loss([aux[i].logits], attention_mask))
+        if z_losses is None:
+            z_losses = router_z_losses([aux[i].logits for i in layers], attention_mask)
         return RouterStats(layers, counts, torch.stack([aux[i].dropped for i in layers]), max_load,
-                           torch.stack(ents), torch.stack(balance), torch.stack(z))
+                           torch.stack(ents), torch.stack(balance), z_losses.detach())
 
 
 @torch.no_grad()

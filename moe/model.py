@@ -22,7 +22,7 @@ from .losses import (
     RouterStats,
     load_balancing_loss,
     router_probs,
-    router_z_loss,
+    router_z_losses,
     routing_stats,
     update_router_bias,
 )
@@ -71,12 +71,13 @@ class MoEForCausalLM(Llama):
         h, aux = self.model(input_ids, attention_mask, cache)  # [B, S, H], per layer MoEAux or None
         logits, lm_loss = self.head(h, labels, return_logits)  # [B, S, V] or None
         routed = [a for a in aux if a is not None]
-        aux_loss = z_loss = None
+        aux_loss = z_loss = z_layers = None
         if routed:
             aux_loss = load_balancing_loss([router_probs(a, cfg.router_score) for a in routed],
                                            [a.expert_ids for a in routed], attention_mask,
                                            _all_reduce_sum if global_balance else None)
-            z_loss = router_z_loss([a.logits for a in routed], attention_mask)
+            z_layers = router_z_losses([a.logits for a in routed], attention_mask)  # [L_moe], also a statistic
+            z_loss = z_layers.mean()
         loss = lm_loss
         if loss is not None and routed:
             if cfg.router_aux_loss_coef:
@@ -84,7 +85,7 @@ class MoEForCausalLM(Llama):
             if cfg.router_z_loss_coef:
                 loss = loss + cfg.router_z_loss_coef * z_loss
         return MoECausalLMOutput(logits, loss, lm_loss, aux_loss, z_loss,
-                                 routing_stats(aux, cfg.router_score, attention_mask))
+                                 routing_stats(aux, cfg.router_score, attention_mask, z_layers))
 
     def update_router_bias(self, counts_per_layer, rate: float | None = None) -> None:
         """Auxiliary-loss-free balancing step (see `moe.losses.update_router_bias`); call once per optimizer step."""
