@@ -232,9 +232,10 @@ def expert_differences(moe: str | os.PathLike, donors: list[str], shared_donor: 
             if not m.is_moe(i):
                 return
             x, dense = x.reshape(-1, x.shape[-1]), formats.dense_mlp_names(i)  # [T, H]
+            want = {d: readers[d].mlp(x, dense) for d in dict.fromkeys(donors)}  # each donor's FFN once, not per copy
             for j in range(E):
-                want = readers[donors[j // copies]].mlp(x, dense)
-                worst[j] = max(worst[j], (m.mlp(x, formats.expert_names(fmt, i, j)) - want).abs().max().item())
+                got = m.mlp(x, formats.expert_names(fmt, i, j))
+                worst[j] = max(worst[j], (got - want[donors[j // copies]]).abs().max().item())
             if shared_donor:
                 names = formats.shared_expert_names(fmt, i)
                 half = not m.get(names["shared_gate"]).any()  # a zero gate: sigmoid = 1/2, so down was doubled
