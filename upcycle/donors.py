@@ -34,7 +34,7 @@ from moe import formats
 from .convert import Layout, Plan, plan_record, plan_upcycle, write_checkpoint
 from .options import PROMPT_INITS, UpcycleOptions
 
-SHARED_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "hidden_act", "mlp_bias")
+SHARED_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "hidden_act", "mlp_bias")
 
 
 def open_source(path: str, what: str) -> CheckpointReader:
@@ -44,16 +44,16 @@ def open_source(path: str, what: str) -> CheckpointReader:
     return CheckpointReader(path)
 
 
-def check_donor(donor: CheckpointReader, base: CheckpointReader, layers: list[int]) -> None:
-    """The donor has the base's architecture and FFN shapes (one-line errors naming the donor and what differs)."""
+def check_donor(donor: CheckpointReader, base: CheckpointReader, b: LlamaConfig, layers: list[int]) -> None:
+    """The donor has the base's (config `b`) architecture and FFN shapes (one-line errors naming the donor and
+    what differs)."""
     name = os.path.join(donor.path, "config.json")
     got, want = donor.config.get("model_type"), base.config.get("model_type")
     if got != want:
         raise ConfigError(f"{name}: model_type {got!r} differs from the base's {want!r} ({base.path}); donors must "
                           "share the base's architecture")
     a = LlamaConfig.from_dict(donor.config, source=name)
-    b = LlamaConfig.from_dict(base.config, source=os.path.join(base.path, "config.json"))
-    for f in SHARED_FIELDS[1:]:
+    for f in SHARED_FIELDS:
         if getattr(a, f) != getattr(b, f):
             raise ConfigError(f"{name}: {f} {getattr(a, f)!r} differs from the base's {getattr(b, f)!r} "
                               f"({base.path}); donors must share the base's architecture and shapes")
@@ -70,12 +70,6 @@ def checksums(readers: list[CheckpointReader], stop: threading.Event | None = No
     """{source path: {file: sha256}} of each source's config.json and weight files (until `stop` is set)."""
     return {r.path: {"config.json": file_sha256(os.path.join(r.path, "config.json")),
                      **{f: file_sha256(real, stop) for f, real in sorted(r.files.items())}} for r in readers}
-
-
-def experts_exact(options: UpcycleOptions) -> bool:
-    """Whether each expert must equal its donor's FFN: copy (or noise / drop that change nothing)."""
-    return options.recipe == "copy" or {"noise": options.noise_scale, "drop": options.drop_ratio}.get(
-        options.recipe) == 0
 
 
 def merge_donors(src: str | None, dst: str | os.PathLike, options: UpcycleOptions, progress: bool = True,
@@ -104,7 +98,7 @@ def merge_donors(src: str | None, dst: str | os.PathLike, options: UpcycleOption
         dense = LlamaConfig.from_dict(readers[0].config, source=os.path.join(options.base, "config.json"))
         layers = options.layers(dense.num_hidden_layers)
         for r in readers[1:]:
-            check_donor(r, readers[0], layers)
+            check_donor(r, readers[0], dense, layers)
         layout = Layout([sources.index(paths[j // options.copies]) for j in range(options.num_experts)],
                         sources.index(options.shared_donor) if options.shared_donor else None)
         if options.router_init in PROMPT_INITS:
@@ -128,7 +122,7 @@ def merge_donors(src: str | None, dst: str | os.PathLike, options: UpcycleOption
                 return
             result = check_merged(tmp, options, options.verify_tokens, options.verify_atol, options.seed, progress)
             record["verify"] = result.to_dict()
-            if experts_exact(options) and not result.ok:
+            if options.exact_copies and not result.ok:
                 raise VerifyError(f"recipe '{options.recipe}' should copy each donor's FFN but {result.line()}; "
                                   f"nothing written to {dst}")
 

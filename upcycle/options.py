@@ -180,13 +180,18 @@ class UpcycleOptions:
         return self.top_k * self.routed_shards
 
     @property
+    def exact_copies(self) -> bool:
+        """Whether each expert equals the FFN it was made from: copy, or noise / drop that change nothing."""
+        return self.recipe == "copy" or {"noise": self.noise_scale, "drop": self.drop_ratio}.get(self.recipe) == 0
+
+    @property
     def function_preserving(self) -> bool:
         """Whether the recipe reproduces the dense function (in exact arithmetic): copy, granular with `down`
         scaling, and with R > 1 only under a virtual-group `normal` router (`zeros` makes all experts tie)."""
         if self.donors:
             return False  # the experts compute the donors' FFNs, not the base's
         if self.recipe in ("noise", "drop"):
-            return self.recipe == "noise" and self.noise_scale == 0 or self.recipe == "drop" and self.drop_ratio == 0
+            return self.exact_copies
         if self.recipe == "granular" and self.weight_scaling != "down":
             return False
         return self.routed_shards == 1 or self.router_init == "normal"

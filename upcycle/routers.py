@@ -88,23 +88,20 @@ def prompt_routers(base: str, options: UpcycleOptions, layers: list[int], vocab_
     prompts = tokenize(base, options, vocab_size)
     donor = [j // options.copies for j in range(options.num_experts)]
     per_layer: dict[int, dict] = {}
-    if options.router_init == "cheap-embed":
-        checkpoint = StreamedCheckpoint(base)
-        try:
-            x = checkpoint.get("model.embed_tokens.weight")[prompts.ids].float()  # [P, T, H]
-        finally:
-            checkpoint.close()
-        per_layer = dict.fromkeys(layers, directions(x, prompts, options.router_scale))
-    else:
-        def tap(i: int, x: torch.Tensor) -> None:
-            if i in layers:
-                per_layer[i] = directions(x, prompts, options.router_scale)
 
-        checkpoint = StreamedCheckpoint(base)
-        try:
+    def tap(i: int, x: torch.Tensor) -> None:
+        if i in layers:
+            per_layer[i] = directions(x, prompts, options.router_scale)
+
+    checkpoint = StreamedCheckpoint(base)
+    try:
+        if options.router_init == "cheap-embed":
+            x = checkpoint.get("model.embed_tokens.weight")[prompts.ids].float()  # [P, T, H]
+            per_layer = dict.fromkeys(layers, directions(x, prompts, options.router_scale))
+        else:
             checkpoint.run(prompts.ids, tap, layers=max(layers) + 1, progress=progress)
-        finally:
-            checkpoint.close()
+    finally:
+        checkpoint.close()
     routers = {i: torch.stack([d[donor[j]] for j in range(options.num_experts)]) for i, d in per_layer.items()}
     shared = {i: d["shared"][None] for i, d in per_layer.items()} if "shared" in options.prompts() else None
     return routers, shared
