@@ -135,11 +135,15 @@ class WorkDir:
                   "out": given.out}
         return TrainOptions(**merged)
 
+    def states(self) -> list[tuple[int, str]]:
+        """(step, directory) of every complete training state, oldest first (by step, not by name)."""
+        root = os.path.join(self.path, "state")
+        return sorted((int(m[1]), os.path.join(root, name)) for name in (os.listdir(root) if os.path.isdir(root)
+                      else ()) if (m := STATE.fullmatch(name)))
+
     def last_state(self) -> tuple[int, str] | None:
         """(step, directory) of the newest complete training state, or None."""
-        root = os.path.join(self.path, "state")
-        steps = sorted((int(m[1]), os.path.join(root, name)) for name in (os.listdir(root) if os.path.isdir(root)
-                       else ()) if (m := STATE.fullmatch(name)))
+        steps = self.states()
         return steps[-1] if steps else None
 
     def truncate_metrics(self, step: int) -> list[dict]:
@@ -167,7 +171,6 @@ class WorkDir:
         schedule, metric sums: JSON, no pickle) into state/step-N, atomically; keep the last `keep_last`."""
         final = os.path.join(self.path, "state", f"step-{step:06d}")
         tmp = final + ".tmp"
-        accelerator.wait_for_everyone()
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -176,9 +179,8 @@ class WorkDir:
         if self.main:
             write_json(os.path.join(tmp, "progress.json"), progress)
             os.replace(tmp, final)
-            states = sorted(n for n in os.listdir(os.path.dirname(final)) if STATE.fullmatch(n))
-            for name in states[:-keep_last]:
-                shutil.rmtree(os.path.join(os.path.dirname(final), name), ignore_errors=True)
+            for _, old in self.states()[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
     # ---- the end ----------------------------------------------------------------------------------------------
