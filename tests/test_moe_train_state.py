@@ -168,3 +168,17 @@ def test_resume_drops_a_metrics_line_cut_by_the_kill(tmp_path):
     assert work.truncate_metrics(1) == [{"step": 1, "tokens": 8}]
     with open(path) as f:
         assert f.read() == '{"step": 1, "tokens": 8}\n'
+
+
+def test_a_checkpoint_without_a_tokenizer_trained_on_ids_gets_no_byte_tokenizer(tmp_path, capsys):
+    import numpy as np
+
+    from helpers import tiny_checkpoint
+
+    src = tiny_checkpoint(tmp_path / "src", tokenizer=False)
+    np.save(tmp_path / "ids.npy", np.arange(2000) % 300)
+    rc, out, err = moekit(capsys, "train", str(src), "--data", str(tmp_path / "ids.npy"), "--out",
+                          str(tmp_path / "out"), "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+                          "--eval-batches", "1", "--no-progress")
+    assert rc == 0, err
+    assert not os.path.exists(tmp_path / "out" / "tokenizer.json")  # its ids are not bytes: nothing to guess

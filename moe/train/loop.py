@@ -341,8 +341,7 @@ def _train(options: TrainOptions, accelerator, work: WorkDir | None, log) -> Tra
                              initial_val if initial_val is not None else float("nan"), seconds, metrics,
                              work.out if work else None)
         if work and main:
-            save_complete(model, work.path, options.save_dtype, source.directory, source.config,
-                          tokenizer or ByteTokenizer())
+            save_complete(model, work.path, options.save_dtype, source.directory, source.config, tokenizer)
             config = read_json(os.path.join(work.path, "train_config.json"), "train_config.json")
             write_json(os.path.join(work.path, "train_config.json"), {
                 **config, "model_type": model.config.model_type, "parameters": model.num_parameters(),
@@ -373,7 +372,7 @@ def save_state(accelerator, work: WorkDir, model: nn.Module, step: int, schedule
         directory = os.path.join(work.path, f"step-{step:06d}")
         shutil.rmtree(directory, ignore_errors=True)
         os.makedirs(directory)
-        save_complete(full, directory, options.save_dtype, source.directory, source.config, tokenizer or ByteTokenizer())
+        save_complete(full, directory, options.save_dtype, source.directory, source.config, tokenizer)
     full.train()
     progress = {"step": step, "scheduler": scheduler.state_dict(), "interval": interval.state()}
     work.save_state(accelerator, step, options.keep_last, progress)

@@ -214,7 +214,8 @@ def save_complete(model: nn.Module, directory: str, dtype: str, source_dir: str 
                   tokenizer) -> None:
     """A Hugging Face directory a user can load and chat with: config and weights (in `dtype`; auto: the source
     checkpoint's), every non-weight file of the source, and the tokenizer used for training when it came from
-    elsewhere. Files already in `directory` (metrics, train config) are kept."""
+    elsewhere (None: token ids were given, no tokenizer to write). Files already in `directory` (metrics, train
+    config) are kept."""
     if dtype == "auto":
         stored = (source_config or {}).get("torch_dtype") or (source_config or {}).get("dtype")
         dtype = stored if stored in ("float32", "bfloat16", "float16") else "float32"
@@ -223,7 +224,7 @@ def save_complete(model: nn.Module, directory: str, dtype: str, source_dir: str 
     model.save_pretrained(tmp, force=True, dtype=dtype, **fmt)
     if source_dir is not None:
         copy_side_files(source_dir, tmp, skip=("train_config.json", "metrics.jsonl", "upcycling.json"))
-    if tokenizer.directory is not None and tokenizer.directory != source_dir:
+    if getattr(tokenizer, "directory", None) not in (None, source_dir):
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(tokenizer.directory, name)):
                 shutil.copyfile(resolve_inside(tokenizer.directory, name, "tokenizer file"), os.path.join(tmp, name))
