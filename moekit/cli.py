@@ -100,8 +100,7 @@ def _params(args, plan: Plan) -> int:
 def _train(args, options: TrainOptions) -> int:
     from moe.train.loop import train
 
-    options.given = given_options(TrainOptions, args.argv) | ({"model"} if options.model else set())
-    train(options)
+    train(options, given=given_options(TrainOptions, args.argv) | ({"model"} if options.model else set()))
     return 0
 
 

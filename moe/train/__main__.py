@@ -3,7 +3,7 @@
 
 import sys
 
-from moekit.cli import main
+from moekit import main  # its Ctrl-C guard too
 
 args = sys.argv[1:]
 debug = ["--debug"] if "--debug" in args else []

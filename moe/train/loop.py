@@ -26,6 +26,7 @@ from llama.config import LLAMA_PRESETS, LlamaConfig
 from llama.errors import CheckpointError, ConfigError, MoekitError
 from llama.io import check_disjoint, config_path, read_config_json, read_json, write_json
 from llama.model import Llama
+from moe import formats
 from moe.config import MOE_PRESETS, MoEConfig
 from moe.model import MoEForCausalLM
 
@@ -45,7 +46,7 @@ from .options import CONTINUED, SCRATCH, TrainOptions
 from .state import WorkDir, gathered, save_complete
 from .tokenizer import ByteTokenizer, check_fits, load_tokenizer
 
-MOE_TYPES = ("moe", "mixtral", "qwen2_moe")
+MOE_TYPES = ("moe", *formats.FORMATS)  # moekit's own model_type and the checkpoint formats
 
 
 class TrainingDiverged(MoekitError):
@@ -162,8 +163,9 @@ def check_finite(loss: float, step: int, shown: str | None = None) -> None:
                                "data and the source weights")
 
 
-def train(options: TrainOptions, log=print) -> TrainResult:
-    """Train as `options` say; write OUT (see `moe.train.state`) unless `options.out` is None."""
+def train(options: TrainOptions, log=print, given: set[str] | None = None) -> TrainResult:
+    """Train as `options` say; write OUT (see `moe.train.state`) unless `options.out` is None. `given`: the
+    options the user typed (command line), which a --resume keeps over the interrupted run's."""
     from accelerate import Accelerator
 
     options.validate()
@@ -175,20 +177,20 @@ def train(options: TrainOptions, log=print) -> TrainResult:
     main = accelerator.is_main_process
     work = WorkDir(options.out, main) if options.out else None
     try:
-        return _train(options, accelerator, work, log)
+        return _train(options, accelerator, work, log, given)
     finally:
         if work:
             work.release()  # on every way out (a resumed run's lock, an error before training starts)
 
 
-def _train(options: TrainOptions, accelerator, work: WorkDir | None, log) -> TrainResult:
+def _train(options: TrainOptions, accelerator, work: WorkDir | None, log, given: set[str] | None) -> TrainResult:
     from accelerate.utils import set_seed
 
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     resume_from = None
     if work and options.resume:
         work.reopen()
-        options = work.resumed_options(options, getattr(options, "given", None))
+        options = work.resumed_options(options, given)
         resume_from = work.last_state()
     elif work:
         work.check_new(options.force)
