@@ -36,6 +36,7 @@ from bench_upcycle import (  # noqa: E402
     shape_args,
 )
 
+from llama.io import write_json_atomic  # noqa: E402
 from moe.train.tokenizer import ByteTokenizer  # noqa: E402
 
 PROMPTS = ["def fibonacci(n): return n if n < 2 else", "Once upon a time, in a small harbour town,",
@@ -90,8 +91,7 @@ def main() -> int:
     print(f"\nRSS limit 2 x largest output tensor + 1 GiB = {limit_mib:.0f} MiB: "
           f"{'OK' if result['rss_ok'] else 'OVER'}; D = 4 vs D = 1: {four:.0f} vs {one:.0f} MiB "
           f"({'independent' if result['independent_of_donors'] else 'GROWS'})")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(args.json, result)
     print(f"wrote {args.json}")
     shutil.rmtree(dst, ignore_errors=True)
     if not args.keep:

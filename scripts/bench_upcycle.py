@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from llama.checkpoint import ShardedWriter  # noqa: E402
+from llama.checkpoint import CheckpointReader, ShardedWriter  # noqa: E402
 from llama.config import LlamaConfig  # noqa: E402
-from llama.io import AtomicDir, write_json  # noqa: E402
+from llama.io import AtomicDir, write_json, write_json_atomic  # noqa: E402
 from llama.model import Llama  # noqa: E402
 
 GiB = 1 << 30
@@ -102,13 +102,8 @@ def dense_config(args) -> LlamaConfig:
 
 def largest_tensor(path: Path) -> int:
     """Bytes of the largest tensor in a checkpoint directory, from the shards' headers."""
-    largest = 0
-    for f in path.glob("*.safetensors"):
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        header.pop("__metadata__", None)
-        largest = max(largest, *(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values()))
-    return largest
+    with CheckpointReader(str(path)) as reader:
+        return max(map(reader.nbytes, reader.names()))
 
 
 def main() -> int:
@@ -187,8 +182,7 @@ def main() -> int:
           f"{largest / (1 << 20):.0f} MiB; RSS limit 2 x largest + 1 GiB = {limit_mib:.0f} MiB: "
           f"{'OK' if result['rss_ok'] else 'OVER'}; upcycle / (cp + sync) = {result['time_ratio_vs_cp_sync']} "
           f"({'OK' if result['time_ok'] else 'SLOW'}), upcycle / cp = {result['time_ratio_vs_cp']}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(args.json, result)
     print(f"wrote {args.json}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
