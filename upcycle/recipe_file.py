@@ -54,6 +54,11 @@ def load(path: str) -> dict:
         raise ConfigError(f"{path}: recipe file not found") from None
     except (UnicodeDecodeError, IsADirectoryError):
         raise ConfigError(f"{path}: not a text file; expected a YAML or JSON recipe") from None
+    return parse(path, text)
+
+
+def parse(path: str, text: str) -> dict:
+    """The JSON (a .json path) or YAML object in `text`, read from `path` (one-line errors)."""
     if path.endswith(".json"):
         try:
             data = json.loads(text)
@@ -165,6 +170,6 @@ def describe(path: str) -> dict:
     """What upcycling.json records of a recipe file: where it was, its kind, its sha256 and its whole text."""
     with open(path, "rb") as f:
         raw = f.read()
-    kind = "mergekit-moe" if is_mergekit(load(path)) else "moekit"
+    kind = "mergekit-moe" if is_mergekit(parse(path, raw.decode("utf-8"))) else "moekit"
     return {"path": os.path.abspath(path), "format": kind, "sha256": hashlib.sha256(raw).hexdigest(),
             "text": raw.decode("utf-8")}
