@@ -224,8 +224,10 @@ def ffn_layers(t: Tally, H: int, kinds: list[str], dense_F: int = 0, E: int = 0,
             routed(t, H, E, Fe, **routed_kw)
             if shared_F:
                 t.add("shared_experts", glu(H, shared_F, bias) + (H if shared_gate else 0))
-        else:
+        elif kind == "dense":
             t.add("dense_ffn", glu(H, dense_F, bias))
+        else:  # a layer-type list in the config names something else: counting it as dense would be a guess
+            raise ConfigError(f"FFN layer kind {kind!r} is not known; expected 'dense' or 'sparse'")
 
 
 def mamba2(H: int, Di: int, heads: int, groups: int, state: int, conv: int, conv_bias: bool = True,
