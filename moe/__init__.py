@@ -2,11 +2,11 @@
 experts (computed through `kernels`), the MoE feed-forward layer, the router losses, the causal LM, and the
 Hugging Face MoE checkpoint formats (`formats`). It imports only `llama` and `kernels`.
 
-Beside the model, rooms for the jobs built on it: `moe.accounting` (total vs active parameters, FLOPs, memory,
-cost), `moe.train` (the accelerate trainer and its data) and `moe.bench` (benchmarks). Exports load on first use.
+Beside the model, rooms for the jobs built on it: `moekit.moe.accounting` (total vs active parameters, FLOPs, memory,
+cost), `moekit.moe.train` (the accelerate trainer and its data) and `moekit.moe.bench` (benchmarks). Exports load on first use.
 """
 
-from llama._lazy import lazy_exports
+from moekit.llama._lazy import lazy_exports
 
 _EXPORTS = {
     "MOE_PRESETS": "config", "MoEConfig": "config",

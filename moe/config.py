@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from llama.config import LLAMA_PRESETS, LlamaConfig
-from llama.errors import ConfigError
+from moekit.llama.config import LLAMA_PRESETS, LlamaConfig
+from moekit.llama.errors import ConfigError
 
 ROUTER_SCORES = ("softmax", "sigmoid")
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from moekit import kernels
 
 from .config import MoEConfig
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-from llama.errors import CheckpointError, ConfigError
+from moekit.llama.errors import CheckpointError, ConfigError
 
 from .config import MoEConfig
 

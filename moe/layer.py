@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.model import MLP
+from moekit.llama.model import MLP
 
 from .config import MoEConfig
 from .experts import SwiGLUExperts

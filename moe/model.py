@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llama.checkpoint import CheckpointReader, dtype_name
-from llama.model import MLP, KVCache, Llama
+from moekit.llama.checkpoint import CheckpointReader, dtype_name
+from moekit.llama.model import MLP, KVCache, Llama
 
 from . import formats
 from .config import MoEConfig

@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from llama.options import declared_fields, default_of, flag_name
+from moekit.llama.options import declared_fields, default_of, flag_name
 
 
 class Parser(argparse.ArgumentParser):

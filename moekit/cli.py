@@ -14,13 +14,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llama.errors import MoekitError
-from llama.io import package_version
-from llama.options import option
-from moe.accounting.cost import Plan
-from moe.bench.options import GemmBenchOptions, LayerBenchOptions, TrainBenchOptions
-from moe.train.options import GenerateOptions, PlotOptions, TokenizerOptions, TrainOptions
-from upcycle.options import UpcycleOptions, VerifyOptions
+from moekit.llama.errors import MoekitError
+from moekit.llama.io import package_version
+from moekit.llama.options import option
+from moekit.moe.accounting.cost import Plan
+from moekit.moe.bench.options import GemmBenchOptions, LayerBenchOptions, TrainBenchOptions
+from moekit.moe.train.options import GenerateOptions, PlotOptions, TokenizerOptions, TrainOptions
+from moekit.upcycle.options import UpcycleOptions, VerifyOptions
 
 from .args import Parser, add_options, given_options, options_from, print_error
 
@@ -47,15 +47,16 @@ def _upcycle_options(args) -> UpcycleOptions:
     """The flags, or with --config the recipe file with the flags given beside it on top."""
     if not args.config:
         return options_from(UpcycleOptions, args)
-    from upcycle.recipe_file import read_recipe
+    from moekit.upcycle.recipe_file import read_recipe
 
     given = given_options(UpcycleOptions, args.argv) - {"config"}
     return read_recipe(args.config, {name: getattr(args, name) for name in given})
 
 
 def _upcycle(args, options: UpcycleOptions) -> int:
-    from llama.errors import ConfigError
-    from upcycle.convert import upcycle
+    from moekit.llama.errors import ConfigError
+    from moekit.upcycle.convert import upcycle
+    from moekit.upcycle.donors import merge_donors
 
     src, dst = (args.src, args.dst) if args.dst is not None else (None, args.src)  # one path: DST
     if dst is None:
@@ -66,14 +67,17 @@ def _upcycle(args, options: UpcycleOptions) -> int:
                           f"{dst}")
     if src is not None and options.donors:
         raise ConfigError(f"SRC {src} given with --donors: the base is --base (default: the first donor)")
-    upcycle(src, dst, options, progress=args.progress)
+    if options.donors:
+        merge_donors(dst, options, progress=args.progress)
+    else:
+        upcycle(src, dst, options, progress=args.progress)
     return 0
 
 
 def _verify(args, options: VerifyOptions) -> int:
-    from llama.checkpoint import dtype_from_name
-    from llama.errors import ConfigError
-    from upcycle.verify import LOGIT_ATOL, verify_checkpoints, verify_merged
+    from moekit.llama.checkpoint import dtype_from_name
+    from moekit.llama.errors import ConfigError
+    from moekit.upcycle.verify import LOGIT_ATOL, verify_checkpoints, verify_merged
 
     if args.dense is None:
         raise ConfigError("MOE is missing: moekit verify DENSE MOE, or moekit verify MOE for an MoE merged from donors")
@@ -90,7 +94,7 @@ def _verify(args, options: VerifyOptions) -> int:
 
 
 def _params(args, plan: Plan) -> int:
-    from moe.accounting import as_json, count_params, derive, render_table
+    from moekit.moe.accounting import as_json, count_params, derive, render_table
 
     report = derive(count_params(args.target), plan)
     print(json.dumps(as_json(report, args.explain), indent=2) if args.json else render_table(report, args.explain))
@@ -98,14 +102,14 @@ def _params(args, plan: Plan) -> int:
 
 
 def _train(args, options: TrainOptions) -> int:
-    from moe.train.loop import train
+    from moekit.moe.train.loop import train
 
     train(options, given=given_options(TrainOptions, args.argv) | ({"model"} if options.model else set()))
     return 0
 
 
 def _tokenizer_train(args, options: TokenizerOptions) -> int:
-    from moe.train.tokenizer import train_tokenizer
+    from moekit.moe.train.tokenizer import train_tokenizer
 
     print(train_tokenizer(options.data, options.out, options.vocab_size, options.text_field, options.force,
                           options.progress))
@@ -113,7 +117,7 @@ def _tokenizer_train(args, options: TokenizerOptions) -> int:
 
 
 def _generate(args, options: GenerateOptions) -> int:
-    from moe.train.sample import complete
+    from moekit.moe.train.sample import complete
 
     texts = complete(options.model, options.prompt, options.max_new_tokens, options.temperature, options.top_k,
                      options.seed)
@@ -126,28 +130,28 @@ def _generate(args, options: GenerateOptions) -> int:
 
 
 def _plot(args, options: PlotOptions) -> int:
-    from moe.train.plot import plot
+    from moekit.moe.train.plot import plot
 
     plot(options)
     return 0
 
 
 def _bench_layer(args, options: LayerBenchOptions) -> int:
-    from moe.bench.layer import run
+    from moekit.moe.bench.layer import run
 
     run(options)
     return 0
 
 
 def _bench_gemm(args, options: GemmBenchOptions) -> int:
-    from moe.bench.gemm import run
+    from moekit.moe.bench.gemm import run
 
     run(options)
     return 0
 
 
 def _bench_train(args, options: TrainBenchOptions) -> int:
-    from moe.bench.train import run
+    from moekit.moe.bench.train import run
 
     run(options)
     return 0

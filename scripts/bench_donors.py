@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_upcycle beside this file
 
 import torch  # noqa: E402
 from bench_upcycle import (  # noqa: E402
@@ -36,8 +36,8 @@ from bench_upcycle import (  # noqa: E402
     shape_args,
 )
 
-from llama.io import write_json_atomic  # noqa: E402
-from moe.train.tokenizer import ByteTokenizer  # noqa: E402
+from moekit.llama.io import write_json_atomic  # noqa: E402
+from moekit.moe.train.tokenizer import ByteTokenizer  # noqa: E402
 
 PROMPTS = ["def fibonacci(n): return n if n < 2 else", "Once upon a time, in a small harbour town,",
            "Solve for x: 3x + 7 = 22. First subtract 7", "Translate into French: the cat sleeps"]
@@ -62,7 +62,7 @@ def main() -> int:
     ByteTokenizer().save(str(donors[0]))
     print(f"4 donors of {dir_bytes(donors[0]) / 1e9:.2f} GB under {work}", flush=True)
 
-    py, env = [sys.executable, "-m", "moekit"], {**os.environ, "PYTHONPATH": str(ROOT)}
+    py, env = [sys.executable, "-m", "moekit"], dict(os.environ)
     dst = work / "moe"
     rows: dict[str, dict] = {}
     runs = [("moekit upcycle SRC DST (one source, 4 copies)", [str(donors[0]), str(dst)])]

@@ -5,11 +5,8 @@ with the same FLOPs, at Mixtral-8x7B expert shapes by default. CPU smoke run:
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moekit.cli import main  # noqa: E402
+from moekit.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "gemm", *sys.argv[1:]]))

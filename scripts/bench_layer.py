@@ -8,11 +8,8 @@ On a GPU (Mixtral-8x7B experts; 4k, 16k and 64k tokens; bf16):
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moekit.cli import main  # noqa: E402
+from moekit.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "layer", *sys.argv[1:]]))

@@ -23,15 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from moekit.llama.checkpoint import CheckpointReader, ShardedWriter
+from moekit.llama.config import LlamaConfig
+from moekit.llama.io import AtomicDir, write_json, write_json_atomic
+from moekit.llama.model import Llama
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from llama.checkpoint import CheckpointReader, ShardedWriter  # noqa: E402
-from llama.config import LlamaConfig  # noqa: E402
-from llama.io import AtomicDir, write_json, write_json_atomic  # noqa: E402
-from llama.model import Llama  # noqa: E402
 
 GiB = 1 << 30
 
@@ -140,7 +139,7 @@ def main() -> int:
     print(f"generated the dense checkpoint in {time.perf_counter() - t0:.1f} s", flush=True)
 
     py = [sys.executable, "-m", "moekit"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     upcycle_cmd = [*py, "upcycle", str(src), str(dst), "--num-experts", str(E), "--recipe", args.recipe,
                    "--no-verify", "--no-progress"]
     runs: dict[str, list[dict]] = {"moekit upcycle --no-verify": [], "cp -r": [], "sync (after cp)": [],

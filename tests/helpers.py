@@ -7,9 +7,9 @@ import os
 
 import torch
 
-from llama import LlamaConfig
-from moe import MoEConfig, MoEFeedForward
 from moekit.cli import main
+from moekit.llama import Llama, LlamaConfig
+from moekit.moe import MoEConfig, MoEFeedForward, MoEForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, cwd of subprocess tests
 
@@ -39,6 +39,20 @@ def tiny_llama(**kw) -> LlamaConfig:
     base = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
                 max_position_embeddings=64, rms_norm_eps=1e-5)
     return LlamaConfig(**{**base, **kw})
+
+
+def saved_model(tmp_path, name: str):
+    """A random tiny model saved as tmp_path/name (llama, mixtral, or qwen2_moe with a shared expert and dense
+    layers): (the model in eval mode, its directory)."""
+    torch.manual_seed(0)
+    if name == "llama":
+        model = Llama(tiny_llama(num_key_value_heads=2))
+    else:
+        model = MoEForCausalLM(MoEConfig.from_name("tiny-moe" if name == "mixtral" else "tiny-moe-shared"))
+        for p in model.parameters():  # random, not near-uniform, routing
+            torch.nn.init.normal_(p, std=0.1)
+    model.save_pretrained(tmp_path / name, max_shard_size="20KB")
+    return model.eval(), tmp_path / name
 
 
 def layer_config(**kw) -> MoEConfig:
@@ -103,7 +117,6 @@ def bpe_tokenizer(directory, vocab_size: int = 320, bos: bool = True):
 
 def sharded_dense(path, vocab_size: int):
     """A 2-layer H=32 dense Llama (seed 0) saved in 20 KB shards: a sharded checkpoint for the safety tests."""
-    from llama import Llama
 
     torch.manual_seed(0)
     Llama(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -113,8 +126,6 @@ def sharded_dense(path, vocab_size: int):
 
 def tiny_checkpoint(path, vocab_size: int = 320, dtype=None, tokenizer: bool = True, bos: bool = True):
     """A tiny Llama checkpoint directory (optionally in `dtype`) with its own trained tokenizer."""
-    from llama import Llama
-
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -175,7 +186,7 @@ def formula_vs_transformers(model_type: str, k, walk: dict | None = None, **conf
     """count_config of `config` as config.json holds it (model_type added) and as transformers completes it
     (derived fields such as layer_types filled in) both equal the `Reference` count: total, active and buffers.
     Returns (count, reference)."""
-    from moe.accounting import count_config
+    from moekit.moe.accounting import count_config
 
     ref = Reference(model_type, k, **(walk or {}), **config)
     for cfg in (dict(config, model_type=model_type), ref.config.to_dict()):
@@ -239,7 +250,7 @@ def fine_tune(base, text: str, out, steps: int = 4, seed: int = 0):
 
     from tokenizers import Tokenizer
 
-    from llama import Llama
+    from moekit.llama import Llama
 
     ids = torch.tensor(Tokenizer.from_file(os.path.join(base, "tokenizer.json")).encode(text).ids)
     model = Llama.from_pretrained(base).train()

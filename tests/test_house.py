@@ -1,13 +1,14 @@
-"""The house: rooms import only the rooms below them, and every source module has a test module named after it.
+"""The house: one import namespace (`moekit`), rooms that import only the rooms below them, no import cycles
+between modules (imports inside functions included), and a test module named after every source module.
 
-    llama            (nothing of ours)
-    kernels          (nothing of ours)
-    moe              llama, kernels                  the MoE model only
-    moe.accounting   llama, moe
-    moe.train        llama, moe, moe.accounting
-    moe.bench        llama, kernels, moe, moe.accounting
-    upcycle          llama, moe
-    moekit           everything; nothing imports it but launchers' __main__ modules
+    moekit.llama            (nothing of ours)          folder llama/
+    moekit.kernels          (nothing of ours)          folder kernels/
+    moekit.moe              llama, kernels             folder moe/: the MoE model only
+    moekit.moe.accounting   llama, moe
+    moekit.moe.train        llama, moe, moe.accounting
+    moekit.moe.bench        llama, kernels, moe, moe.accounting
+    moekit.upcycle          llama, moe                 folder upcycle/
+    moekit (cli, args)      everything; nothing imports it
 """
 
 import ast
@@ -16,18 +17,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("llama", "kernels", "moe", "upcycle", "moekit")
+FOLDERS = {"llama": "moekit.llama", "kernels": "moekit.kernels", "moe": "moekit.moe", "upcycle": "moekit.upcycle",
+           "moekit": "moekit"}  # repository folder -> import name (pyproject's package-dir)
+BARE = {"llama", "kernels", "moe", "upcycle"}  # folder names that are other projects' packages on PyPI
 MAY_IMPORT = {
-    "llama": set(),
-    "kernels": set(),
-    "moe": {"llama", "kernels"},
-    "moe.accounting": {"llama", "moe"},
-    "moe.train": {"llama", "moe", "moe.accounting"},
-    "moe.bench": {"llama", "kernels", "moe", "moe.accounting"},
-    "upcycle": {"llama", "moe"},
+    "moekit.llama": set(),
+    "moekit.kernels": set(),
+    "moekit.moe": {"llama", "kernels"},
+    "moekit.moe.accounting": {"llama", "moe"},
+    "moekit.moe.train": {"llama", "moe", "moe.accounting"},
+    "moekit.moe.bench": {"llama", "kernels", "moe", "moe.accounting"},
+    "moekit.upcycle": {"llama", "moe"},
     "moekit": {"llama", "kernels", "moe", "moe.accounting", "moe.train", "moe.bench", "upcycle"},
 }
-LAUNCHERS = {"moe.train.__main__"}  # `accelerate launch -m moe.train`: an entry point into the command line
+MAY_IMPORT = {room: {f"moekit.{r}" for r in rooms} for room, rooms in MAY_IMPORT.items()}
+NAMESPACE = "moekit"  # the root package, run by every import of the namespace: it holds only `main`
 
 
 def room(module: str) -> str | None:
@@ -37,7 +41,8 @@ def room(module: str) -> str | None:
 
 
 def imported_modules(module: str, source: str, is_package: bool = False) -> list[str]:
-    """Every module `source` (the text of `module`) imports, relative imports resolved."""
+    """Every module `source` (the text of `module`) imports, anywhere in it, relative imports resolved; for
+    `from P import name` both P and P.name (which may be a submodule)."""
     package = module if is_package else module.rpartition(".")[0]
     out = []
     for node in ast.walk(ast.parse(source)):
@@ -49,32 +54,58 @@ def imported_modules(module: str, source: str, is_package: bool = False) -> list
                 parts = package.split(".")
                 parent = ".".join(parts[:len(parts) - node.level + 1])
                 base = f"{parent}.{base}" if base else parent
-            out += [f"{base}.{a.name}" for a in node.names] if node.module is None else [base]
-    return out
+            out += [base, *(f"{base}.{a.name}" for a in node.names)]
+    return [m for m in out if m != NAMESPACE]
 
 
 def violations(module: str, source: str, is_package: bool = False) -> list[str]:
-    """'A imports B' for every import of `module` that its room may not make."""
+    """'A imports B' for every import of `module` that its room may not make, and every bare import of a folder
+    name (`import llama` finds another project's package once moekit is installed)."""
     mine = room(module)
     found = []
     for target in imported_modules(module, source, is_package):
+        if target.split(".")[0] in BARE:
+            found.append(f"{module} imports {target}: ours is moekit.{target}")
+            continue
         theirs = room(target)
         if theirs is None or theirs == mine:
-            continue
-        if theirs == "moekit" and module in LAUNCHERS:
             continue
         if theirs not in MAY_IMPORT[mine]:
             found.append(f"{module} imports {target} (room {mine} may import {sorted(MAY_IMPORT[mine]) or 'nothing'})")
     return found
 
 
+def cycles(sources: dict[str, tuple[str, bool]]) -> list[list[str]]:
+    """The import cycles among `sources` (module -> (text, is_package)): each a list of modules whose last imports
+    the first. Imports inside functions count: they only move the cycle to run time. A module's own packages
+    are left out: they are always imported before it."""
+    graph = {m: sorted({t for t in imported_modules(m, text, pkg) if t in sources and not f"{m}.".startswith(f"{t}.")})
+             for m, (text, pkg) in sources.items()}
+    found, state = [], {}  # state: 1 on the current path, 2 done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for t in graph[m]:
+            if state.get(t) == 1:
+                found.append(path[path.index(t):] + [m])
+            elif t not in state:
+                visit(t, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    return found
+
+
 def source_modules():
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            rel = path.relative_to(ROOT).with_suffix("")
+    """(import name, path, is_package) of every module the wheel installs."""
+    for folder, name in FOLDERS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT / folder).with_suffix("")
             is_package = rel.name == "__init__"
-            name = ".".join(rel.parts[:-1] if is_package else rel.parts)
-            yield name, path, is_package
+            parts = rel.parts[:-1] if is_package else rel.parts
+            yield ".".join((name, *parts)), path, is_package
 
 
 def test_every_room_imports_only_the_rooms_below_it():
@@ -83,53 +114,87 @@ def test_every_room_imports_only_the_rooms_below_it():
     assert len(list(source_modules())) > 40  # the walk saw the tree
 
 
+def test_no_import_cycles():
+    sources = {name: (path.read_text(), pkg) for name, path, pkg in source_modules()}
+    found = cycles(sources)
+    assert not found, "\n".join(" -> ".join(c + [c[0]]) for c in found)
+
+
+def test_tests_and_scripts_import_the_namespace():
+    found = [f"{path.relative_to(ROOT)} imports {t}" for d in ("tests", "scripts") for path in (ROOT / d).glob("*.py")
+             for t in imported_modules("x", path.read_text()) if t.split(".")[0] in BARE]
+    assert not found, "\n".join(found)
+
+
 @pytest.mark.parametrize("module, source", [
-    ("llama.model", "from moe.config import MoEConfig"),  # the floor imports a room above it
-    ("kernels.dispatch", "import llama.errors"),
-    ("moe.layer", "from upcycle import recipes"),  # the model imports a job built on it
-    ("moe.model", "from .train import loop"),  # relative import into a room of its own
-    ("moe.accounting.sources", "from ..train.loop import train"),
-    ("upcycle.convert", "from moekit.cli import main"),  # nothing imports the command line
-    ("moe.bench.layer", "from upcycle.convert import upcycle"),
+    ("moekit.llama.model", "from moekit.moe.config import MoEConfig"),  # the floor imports a room above it
+    ("moekit.kernels.dispatch", "import moekit.llama.errors"),
+    ("moekit.moe.layer", "from moekit.upcycle import recipes"),  # the model imports a job built on it
+    ("moekit.moe.model", "from .train import loop"),  # relative import into a room of its own
+    ("moekit.moe.accounting.sources", "from ..train.loop import train"),
+    ("moekit.upcycle.convert", "from moekit.cli import main"),  # nothing imports the command line
+    ("moekit.upcycle.convert", "from moekit import cli"),
+    ("moekit.moe.bench.layer", "def f():\n    from moekit.upcycle.convert import upcycle"),  # inside a function
+    ("moekit.moe.layer", "from llama.model import MLP"),  # a bare folder name: another project's `llama`
+    ("moekit.cli", "import kernels"),
 ])
 def test_an_upward_import_is_caught(module, source):
     assert violations(module, source), f"{module}: {source!r} should be refused"
 
 
 @pytest.mark.parametrize("module, source", [
-    ("moe.layer", "import kernels\nfrom llama.model import MLP\nfrom .router import Router"),
-    ("moe.train.loop", "from moe.accounting import count_params\nimport torch"),
-    ("moekit.cli", "from upcycle.convert import upcycle"),
-    ("moe.train.__main__", "from moekit.cli import main"),
+    ("moekit.moe.layer", "from moekit import kernels\nfrom moekit.llama.model import MLP\nfrom .router import Router"),
+    ("moekit.moe.train.loop", "from moekit.moe.accounting import count_params\nimport torch"),
+    ("moekit.cli", "from moekit.upcycle.convert import upcycle"),
 ])
 def test_downward_imports_pass(module, source):
     assert violations(module, source) == []
 
 
+@pytest.mark.parametrize("sources, cycle", [
+    ({"moekit.upcycle.a": "from moekit.upcycle.b import f", "moekit.upcycle.b": "from moekit.upcycle.a import g"},
+     ["moekit.upcycle.a", "moekit.upcycle.b"]),
+    ({"moekit.upcycle.a": "from . import b",  # relative, and the way back inside a function
+      "moekit.upcycle.b": "def f():\n    from .c import g", "moekit.upcycle.c": "import moekit.upcycle.a"},
+     ["moekit.upcycle.a", "moekit.upcycle.b", "moekit.upcycle.c"]),
+])
+def test_a_cycle_is_caught(sources, cycle):
+    found = cycles({m: (s, False) for m, s in sources.items()})
+    assert [sorted(c) for c in found] == [cycle]
+
+
+def test_a_chain_is_not_a_cycle():
+    chain = {"moekit.upcycle.a": "from moekit.upcycle import b", "moekit.upcycle.b": "from . import c",
+             "moekit.upcycle.c": "import torch", "moekit.upcycle": "from moekit.llama._lazy import lazy_exports"}
+    assert cycles({m: (s, m == "moekit.upcycle") for m, s in chain.items()}) == []
+
+
 # Modules tested in a test module named after another (the name says where).
 TESTED_WITH = {
-    "llama._lazy": "test_moekit_cli.py",  # --help imports no torch
-    "llama.errors": "test_moekit_cli.py",
-    "kernels.reference": "test_kernels_triton.py",  # the oracle of every kernel
-    "kernels.triton_gemm": "test_kernels_triton.py",
-    "kernels.triton_ops": "test_kernels_triton.py",
-    "kernels.triton_routing": "test_kernels_triton.py",
-    "kernels.triton_decode": "test_kernels_triton.py",
-    "kernels.megablocks": "test_moe_bench_layer.py",
-    "moe.accounting.report": "test_moe_accounting_cost.py",
-    "moe.bench.options": "test_moe_bench_layer.py",
-    "moe.bench.timing": "test_moe_bench_layer.py",
-    "moe.train.options": "test_moe_train_loop.py",
+    "moekit.llama._lazy": "test_moekit_cli.py",  # --help imports no torch
+    "moekit.llama.errors": "test_moekit_cli.py",
+    "moekit.kernels.reference": "test_kernels_triton.py",  # the oracle of every kernel
+    "moekit.kernels.triton_gemm": "test_kernels_triton.py",
+    "moekit.kernels.triton_ops": "test_kernels_triton.py",
+    "moekit.kernels.triton_routing": "test_kernels_triton.py",
+    "moekit.kernels.triton_decode": "test_kernels_triton.py",
+    "moekit.kernels.megablocks": "test_moe_bench_layer.py",
+    "moekit.moe.accounting.report": "test_moe_accounting_cost.py",
+    "moekit.moe.bench.options": "test_moe_bench_layer.py",
+    "moekit.moe.bench.timing": "test_moe_bench_layer.py",
+    "moekit.moe.train.options": "test_moe_train_loop.py",
 }
 
 
 def test_every_module_has_a_test_module_named_after_it():
+    """tests/test_<name without moekit.>.py, e.g. moekit.moe.train.loop -> tests/test_moe_train_loop.py."""
     tests = {p.name for p in (ROOT / "tests").glob("test_*.py")}
     missing = []
     for name, _, is_package in source_modules():
         if is_package or name.endswith("__main__"):
             continue
-        stem = "test_" + name.replace(".", "_").replace("__", "_").strip("_")
+        short = name if room(name) == "moekit" else name.removeprefix("moekit.")
+        stem = "test_" + short.replace(".", "_").replace("__", "_").strip("_")
         if name in TESTED_WITH:
             assert TESTED_WITH[name] in tests, name
         elif not any(t == f"{stem}.py" or t.startswith(stem + "_") for t in tests):

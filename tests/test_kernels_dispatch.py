@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from moekit import kernels
+from moekit.kernels import reference
 
 
 def _layer(T=9, k=2, E=4, H=16, F=24):
@@ -62,7 +62,7 @@ def test_megablocks_backend_without_megablocks_says_how_to_get_it():
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_autotune_pruning(monkeypatch):
     """The CUDA config lists, pruned for shared memory (H100: 227 KiB), accumulator registers and tiny batches."""
-    from kernels import triton_gemm as g
+    from moekit.kernels import triton_gemm as g
 
     monkeypatch.setattr(g, "_device_limits", lambda index: (9, 227 * 1024))
     monkeypatch.setattr(g.torch.cuda, "current_device", lambda: 0)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import reference as ref
+from moekit.kernels import reference as ref
 
 pytest.importorskip("triton")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -86,8 +86,8 @@ def close(ours: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 def test_kernels_are_interpreted():
     from triton.runtime.interpreter import InterpretedFunction
 
-    from kernels import triton_ops
-    from kernels.triton_gemm import _grouped_mm_kernel
+    from moekit.kernels import triton_ops
+    from moekit.kernels.triton_gemm import _grouped_mm_kernel
 
     assert triton_ops.INTERPRET and isinstance(_grouped_mm_kernel, InterpretedFunction)
 
@@ -95,7 +95,7 @@ def test_kernels_are_interpreted():
 @interpreted
 @SCENARIOS
 def test_routing_metadata_is_the_stable_sort(name):
-    from kernels import triton_routing
+    from moekit.kernels import triton_routing
 
     ids, E, _, _ = scenario(name)
     order, inv, tok, counts, offsets = triton_routing.route(ids, E)
@@ -109,7 +109,7 @@ def test_routing_metadata_is_the_stable_sort(name):
 @SCENARIOS
 @DTYPES
 def test_permute_and_unpermute(name, dtype):
-    from kernels import triton_ops
+    from moekit.kernels import triton_ops
 
     ids, (x, weights, _, _) = tensors(name, dtype)
     k = ids.shape[1]
@@ -129,7 +129,7 @@ def test_permute_and_unpermute(name, dtype):
 @SCENARIOS
 @DTYPES
 def test_grouped_mm_forward_and_backward(name, dtype):
-    from kernels import triton_ops
+    from moekit.kernels import triton_ops
 
     ids, (x, _, gate_up, down) = tensors(name, dtype)
     order, _, offsets = ref.routing_metadata(ids, gate_up.shape[0])
@@ -150,7 +150,7 @@ def test_grouped_mm_forward_and_backward(name, dtype):
 @SCENARIOS
 @DTYPES
 def test_swiglu_experts_forward_and_all_gradients(name, dtype):
-    from kernels import triton_ops
+    from moekit.kernels import triton_ops
 
     ids, ts = tensors(name, dtype)
     y = triton_ops.swiglu_experts(*ts[:2], ids, *ts[2:])
@@ -166,7 +166,7 @@ def test_swiglu_experts_forward_and_all_gradients(name, dtype):
 @SCENARIOS
 @DTYPES
 def test_decode_path(name, dtype):
-    from kernels import triton_ops
+    from moekit.kernels import triton_ops
 
     ids, ts = tensors(name, dtype)
     with torch.no_grad():
@@ -177,8 +177,7 @@ def test_decode_path(name, dtype):
 
 @interpreted
 def test_public_api_with_backend_triton():
-    import kernels
-
+    from moekit import kernels
     ids, ts = tensors("random", torch.float32)
     rs = oracle(ts)
     want = ref.swiglu_experts(*rs[:2], ids, *rs[2:])
@@ -196,7 +195,7 @@ def test_public_api_with_backend_triton():
 @interpreted
 def test_custom_ops_pass_opcheck():
     """Schemas, fake (meta) implementations and autograd registration, checked by torch.library.opcheck."""
-    from kernels import triton_ops  # noqa: F401  (registers the moekit:: ops)
+    from moekit.kernels import triton_ops  # noqa: F401  (registers the moekit:: ops)
 
     ids, (x, weights, gate_up, down) = tensors("edges", torch.float32)
     order, _, offsets = ref.routing_metadata(ids, gate_up.shape[0])
@@ -211,8 +210,7 @@ def test_custom_ops_pass_opcheck():
 @interpreted
 def test_torch_compile_fullgraph_traces_the_ops():
     """No graph break around the ops (aot_eager: the CPU has no Triton codegen target), same values and gradients."""
-    import kernels
-
+    from moekit import kernels
     ids, ts = tensors("random", torch.float32)
 
     def layer(x, weights, ids, gate_up, down):

@@ -37,8 +37,8 @@ class Recorder:
 @pytest.fixture(scope="module")
 def launches():
     """{(kernel name, variant): (jit function, args, kwargs)} for every launch of a forward+backward step."""
-    from kernels import reference as ref
-    from kernels import triton_decode, triton_gemm, triton_routing
+    from moekit.kernels import reference as ref
+    from moekit.kernels import triton_decode, triton_gemm, triton_routing
 
     mp = pytest.MonkeyPatch()
     names = {triton_routing: ["_hist_kernel", "_sort_kernel", "_gather_rows_kernel", "_combine_kernel",

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-import kernels
-from kernels import reference as ref
+from moekit import kernels
+from moekit.kernels import reference as ref
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),

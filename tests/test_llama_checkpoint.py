@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from llama import CheckpointError, ConfigError, Llama, LlamaConfig
-from llama.checkpoint import INDEX_NAME, CheckpointReader
+from moekit.llama import CheckpointError, ConfigError, Llama, LlamaConfig
+from moekit.llama.checkpoint import INDEX_NAME, CheckpointReader
 
 from helpers import hf_llama
 
@@ -146,7 +146,7 @@ def test_pickle_weights_are_refused(tmp_path):
 
 
 def test_missing_tensor(tmp_path):
-    from llama.checkpoint import save_state_dict
+    from moekit.llama.checkpoint import save_state_dict
 
     model = Llama(tiny())
     state = dict(model.checkpoint_tensors())

@@ -10,8 +10,8 @@ import struct
 
 import pytest
 
-from llama import Llama
 from moekit.cli import main
+from moekit.llama import Llama
 
 from helpers import bpe_tokenizer, one_line_error, sharded_dense
 

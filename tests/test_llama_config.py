@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from llama import ConfigError, Llama, LlamaConfig
-from llama.config import LLAMA_PRESETS, PUBLISHED_SIZES_B
+from moekit.llama import ConfigError, Llama, LlamaConfig
+from moekit.llama.config import LLAMA_PRESETS, PUBLISHED_SIZES_B
 
 
 def test_hf_config_round_trips_exactly(tmp_path):

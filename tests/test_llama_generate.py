@@ -2,7 +2,7 @@
 
 import torch
 
-from llama import Llama
+from moekit.llama import Llama
 
 from helpers import tiny_llama as tiny
 
@@ -37,7 +37,7 @@ def test_stop_tokens_and_sampling():
 
 
 def test_top_k_one_is_greedy():
-    from llama.generate import sample
+    from moekit.llama.generate import sample
 
     logits = torch.randn(5, 50)
     assert torch.equal(sample(logits, temperature=1.0, top_k=1), logits.argmax(-1))

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from llama.errors import CheckpointError, ConfigError
-from llama.io import AtomicDir, read_config_json, read_json, write_json, write_json_atomic
+from moekit.llama.errors import CheckpointError, ConfigError
+from moekit.llama.io import AtomicDir, read_config_json, read_json, write_json, write_json_atomic
 
 
 @pytest.mark.parametrize("content, message", [

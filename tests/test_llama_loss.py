@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama.loss import causal_lm_head_loss, causal_lm_loss, head_chunk_rows
+from moekit.llama.loss import causal_lm_head_loss, causal_lm_loss, head_chunk_rows
 
 
 def _reference(h, w, labels):

@@ -4,7 +4,7 @@ tied embeddings, biases, padding masks)."""
 import pytest
 import torch
 
-from llama import Llama
+from moekit.llama import Llama
 
 from helpers import hf_llama
 from helpers import tiny_llama as tiny
@@ -71,7 +71,7 @@ def test_padded_attention_mask_matches_transformers():
 
 
 def test_rmsnorm_statistics_in_fp32():
-    from llama import RMSNorm
+    from moekit.llama import RMSNorm
 
     x = (torch.randn(4, 64) * 300).to(torch.bfloat16)
     y = RMSNorm(64).to(torch.bfloat16)(x)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from llama.errors import ConfigError
-from llama.options import check_options, field_kind, flag_name, option, parse_number, parse_size
+from moekit.llama.errors import ConfigError
+from moekit.llama.options import check_options, field_kind, flag_name, option, parse_number, parse_size
 
 
 @dataclass

@@ -4,8 +4,8 @@ import pytest
 import torch
 import transformers
 
-from llama import LlamaConfig
-from llama.rope import RotaryEmbedding, apply_rotary, apply_rotary_reference, rotate_half
+from moekit.llama import LlamaConfig
+from moekit.llama.rope import RotaryEmbedding, apply_rotary, apply_rotary_reference, rotate_half
 
 SCALINGS = {
     "default": None,

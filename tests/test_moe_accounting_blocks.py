@@ -2,8 +2,8 @@
 
 import pytest
 
-from llama.errors import ConfigError
-from moe.accounting.blocks import Fields, Tally, attention_arch, finish, glu, gqa, mamba2
+from moekit.llama.errors import ConfigError
+from moekit.moe.accounting.blocks import Fields, Tally, attention_arch, finish, glu, gqa, mamba2
 
 
 def test_tally_routed_active_per_layer_k_and_zero_experts():

@@ -3,9 +3,9 @@ GPT-3's training time and cost) through `moekit params`."""
 
 import pytest
 
-from llama.config import LlamaConfig
-from moe.accounting import Plan, count_config, derive
-from moe.accounting.cost import known_peak_flops
+from moekit.llama.config import LlamaConfig
+from moekit.moe.accounting import Plan, count_config, derive
+from moekit.moe.accounting.cost import known_peak_flops
 
 from helpers import moekit, moekit_json
 

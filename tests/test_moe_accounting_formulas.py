@@ -2,7 +2,7 @@
 
 import pytest
 
-from moe.accounting import count_config, count_params
+from moekit.moe.accounting import count_config, count_params
 
 # mistralai/Mixtral-8x7B-v0.1 config.json (the fields that shape the model)
 MIXTRAL_8X7B = dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,

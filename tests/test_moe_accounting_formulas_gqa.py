@@ -4,8 +4,8 @@ the default configs."""
 
 import pytest
 
-from moe.accounting import count_config, count_module
-from moe.accounting.formulas_gqa import FORMULAS
+from moekit.moe.accounting import count_config, count_module
+from moekit.moe.accounting.formulas_gqa import FORMULAS
 
 from helpers import Reference, check_released, formula_vs_transformers
 

@@ -4,8 +4,8 @@ exercise every option, and the default configs); only the attention layers have 
 
 import pytest
 
-from moe.accounting import Plan, count_config, count_module, derive
-from moe.accounting.report import conventions
+from moekit.moe.accounting import Plan, count_config, count_module, derive
+from moekit.moe.accounting.report import conventions
 
 from helpers import Reference, check_released, formula_vs_transformers
 

@@ -4,8 +4,8 @@ zero-computation experts; the released configs give the published sizes."""
 
 import pytest
 
-from moe.accounting import Plan, count_config, count_module, derive
-from moe.accounting.report import conventions
+from moekit.moe.accounting import Plan, count_config, count_module, derive
+from moekit.moe.accounting.report import conventions
 
 from helpers import Reference, check_released, formula_vs_transformers
 

@@ -13,12 +13,11 @@ from safetensors.torch import save_file
 from test_moe_accounting_formulas import MIXTRAL_8X7B
 from torch import nn
 
-import llama.checkpoint
-from llama import Llama, LlamaConfig
-from moe.accounting import classify, count_checkpoint, count_config, count_module, count_params
-from moe.config import MoEConfig
-from moe.model import MoEForCausalLM
 from moekit.cli import main
+from moekit.llama import Llama, LlamaConfig, checkpoint
+from moekit.moe.accounting import classify, count_checkpoint, count_config, count_module, count_params
+from moekit.moe.config import MoEConfig
+from moekit.moe.model import MoEForCausalLM
 
 from helpers import moekit, moekit_json, one_line_error
 
@@ -161,7 +160,7 @@ def test_sixty_shards_headers_only_and_fast(tmp_path, capsys, monkeypatch):
     def no_data(*a, **k):
         raise AssertionError("tensor data was opened")
 
-    monkeypatch.setattr(llama.checkpoint.CheckpointReader, "get", no_data)
+    monkeypatch.setattr(checkpoint.CheckpointReader, "get", no_data)
     start = time.perf_counter()
     assert main(["params", str(tmp_path), "--json"]) == 0
     elapsed = time.perf_counter() - start
@@ -205,7 +204,7 @@ def test_upcycling_multiplies_ffn_params(upcycle, tmp_path, capsys):
     dense_model = Llama(LlamaConfig.from_name("tiny"))
     dense_model.save_pretrained(tmp_path / "dense")
     upcycle(tmp_path / "dense", tmp_path / "moe")
-    with llama.checkpoint.CheckpointReader(tmp_path / "moe") as r:  # the experts really are copies
+    with checkpoint.CheckpointReader(tmp_path / "moe") as r:  # the experts really are copies
         w1 = r.get("model.layers.1.block_sparse_moe.experts.5.w1.weight")
     assert torch.equal(w1, dense_model.model.layers[1].mlp.gate_proj.weight)
     capsys.readouterr()

@@ -8,7 +8,7 @@ import math
 import torch
 from safetensors.torch import save_file
 
-from moe.accounting import count_checkpoint
+from moekit.moe.accounting import count_checkpoint
 
 from helpers import moekit, moekit_json, one_line_error
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-import moe.bench.layer as bench
-from kernels import reference
-from moe import MoEConfig, MoEFeedForward
+import moekit.moe.bench.layer as bench
 from moekit.cli import main
+from moekit.kernels import reference
+from moekit.moe import MoEConfig, MoEFeedForward
 
 TINY = ["--hidden", "32", "--ffn", "48", "--experts", "4", "--repeats", "1", "--warmup", "0", "--device", "cpu"]
 

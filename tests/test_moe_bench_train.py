@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from moe.bench.options import TrainBenchOptions
-from moe.bench.train import bench_train, format_table
+from moekit.moe.bench.options import TrainBenchOptions
+from moekit.moe.bench.train import bench_train, format_table
 
 from helpers import moekit, one_line_error
 
@@ -69,8 +69,8 @@ def test_preset_and_overrides():
 
 
 def test_the_1b_preset_has_about_1b_active_parameters(capsys):
-    from moe.accounting import count_params
-    from moe.bench.train import moe_config
+    from moekit.moe.accounting import count_params
+    from moekit.moe.bench.train import moe_config
 
     count = count_params(moe_config(**TrainBenchOptions(preset="1b").model_kwargs()))
     assert round(count.matmul_active_params / 1e9, 2) == 1.05 and round(count.total_params / 1e9, 1) == 3.6

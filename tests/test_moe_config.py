@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from llama.errors import ConfigError
-from moe import MoEConfig, MoEForCausalLM
+from moekit.llama.errors import ConfigError
+from moekit.moe import MoEConfig, MoEForCausalLM
 
 # mistralai/Mixtral-8x7B-v0.1/config.json as released
 MIXTRAL_8X7B = {"architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,
@@ -93,7 +93,7 @@ def test_reads_qwen2_moe_config_names():
 
 
 def test_own_config_round_trip_and_from_dense():
-    from llama import LlamaConfig
+    from moekit.llama import LlamaConfig
 
     c = small(num_shared_experts=1, shared_expert_gate=True, router_score="sigmoid", capacity_factor=1.5,
               router_bias_update_rate=1e-3, mlp_only_layers=[2])

@@ -6,8 +6,8 @@ import torch
 def test_swiglu_experts_function_matches_composed_ops_and_loop_in_fp64():
     """kernels.reference.swiglu_experts (one autograd Function, gradients written over saved activations) against
     the same ops differentiated by autograd and against the per-expert loop; also with retain_graph."""
-    from kernels.reference import swiglu_experts, swiglu_experts_composed
-    from moe import swiglu_experts_loop
+    from moekit.kernels.reference import swiglu_experts, swiglu_experts_composed
+    from moekit.moe import swiglu_experts_loop
 
     T, H, Fe, E, k = 23, 8, 6, 4, 2
     args = [torch.randn(T, H), torch.rand(T, k), torch.randn(E, 2 * Fe, H), torch.randn(E, H, Fe)]

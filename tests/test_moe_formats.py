@@ -7,11 +7,11 @@ import pytest
 import torch
 import transformers
 
-from llama.checkpoint import CheckpointReader, save_state_dict
-from llama.errors import CheckpointError, ConfigError
-from llama.io import AtomicDir, write_json
-from moe import MoEConfig, MoEForCausalLM
-from moe import formats as fm
+from moekit.llama.checkpoint import CheckpointReader, save_state_dict
+from moekit.llama.errors import CheckpointError, ConfigError
+from moekit.llama.io import AtomicDir, write_json
+from moekit.moe import MoEConfig, MoEForCausalLM
+from moekit.moe import formats as fm
 
 
 def cfg(**kw):

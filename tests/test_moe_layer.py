@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from moe import capacity_keep
+from moekit.moe import capacity_keep
 
 from helpers import make_layer
 

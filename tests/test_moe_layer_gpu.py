@@ -9,8 +9,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from moe import MoEConfig, MoEFeedForward, MoEForCausalLM
-from moe.losses import load_balancing_loss, router_probs, router_z_loss, routing_stats
+from moekit.moe import MoEConfig, MoEFeedForward, MoEForCausalLM
+from moekit.moe.losses import load_balancing_loss, router_probs, router_z_loss, routing_stats
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe import update_router_bias
+from moekit.moe import update_router_bias
 
 from helpers import make_layer
 

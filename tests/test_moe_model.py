@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers
 
-from moe import MoEConfig, MoEForCausalLM
-from moe.formats import hf_config_dict
+from moekit.moe import MoEConfig, MoEForCausalLM
+from moekit.moe.formats import hf_config_dict
 
 HF = {"mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
       "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM)}

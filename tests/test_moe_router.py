@@ -2,7 +2,7 @@
 
 import torch
 
-from moe import Router
+from moekit.moe import Router
 
 from helpers import layer_config, make_layer
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from moe.train import TrainOptions, train
-from moe.train.data import TokenData, arith_text, load_tokens
-from moe.train.tokenizer import ByteTokenizer
+from moekit.moe.train import TrainOptions, train
+from moekit.moe.train.data import TokenData, arith_text, load_tokens
+from moekit.moe.train.tokenizer import ByteTokenizer
 
 FAST = dict(batch_size=8, seq_len=32, warmup=5, log_every=10, eval_every=20, eval_batches=2, progress=False)
 CLI_FAST = ["--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--no-progress"]
@@ -45,7 +45,7 @@ def test_text_and_npy_data(tmp_path):
 # ---- sources and the token cache ----------------------------------------------------------------------------
 
 def test_a_directory_is_read_recursively_in_a_fixed_order_skipping_what_is_not_a_text_file(tmp_path):
-    from moe.train.data import text_files
+    from moekit.moe.train.data import text_files
 
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "z.py").write_text("z")
@@ -73,7 +73,7 @@ def test_jsonl_and_datasets_sources_give_the_same_stream(tmp_path):
 
 
 def test_tokenised_data_is_cached_and_reused(tmp_path, monkeypatch):
-    from moe.train import data
+    from moekit.moe.train import data
 
     (tmp_path / "a.txt").write_text("hello world " * 50)
     first, _ = load_tokens(str(tmp_path / "a.txt"), ByteTokenizer(), 256, cache_dir=str(tmp_path / "c"))

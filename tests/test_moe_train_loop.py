@@ -10,12 +10,12 @@ import pytest
 import torch
 import transformers
 
-from llama import LlamaConfig
-from llama.model import Llama
-from moe.model import MoEForCausalLM
-from moe.router import Router
-from moe.train import TrainOptions, load_model, train
 from moekit.cli import main
+from moekit.llama import LlamaConfig
+from moekit.llama.model import Llama
+from moekit.moe.model import MoEForCausalLM
+from moekit.moe.router import Router
+from moekit.moe.train import TrainOptions, load_model, train
 
 FAST = dict(batch_size=8, seq_len=32, warmup=5, log_every=10, eval_every=20, eval_batches=2, progress=False)
 CLI_FAST = ["--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--no-progress"]
@@ -142,7 +142,7 @@ def test_cli_errors_are_one_line_and_write_nothing(case, tmp_path, capsys):
 
 
 def test_checkpoint_source_keeps_its_format_and_save_every(tmp_path):
-    from moe.config import MoEConfig
+    from moekit.moe.config import MoEConfig
 
     MoEForCausalLM(MoEConfig.from_name("tiny-moe-shared")).save_pretrained(tmp_path / "src")  # qwen2_moe
     out = tmp_path / "out"
@@ -157,7 +157,7 @@ def test_checkpoint_source_keeps_its_format_and_save_every(tmp_path):
 # ---- real checkpoints: the upcycled model continues the dense one, the output is complete -------------------
 
 def test_upcycled_copy_starts_at_its_dense_parents_loss_and_the_output_is_complete(tmp_path):
-    from upcycle import UpcycleOptions, upcycle
+    from moekit.upcycle import UpcycleOptions, upcycle
 
     from helpers import corpus, tiny_checkpoint
 
@@ -194,7 +194,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path, model, extra):
     one = subprocess.run([sys.executable, "-m", "moekit", "train", *args, "--batch-size", "4", "--out",
                           str(tmp_path / "one")], cwd=root, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "moe.train",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "moekit", "train",
                           *args, "--batch-size", "2", "--out", str(tmp_path / "two")], cwd=root, capture_output=True,
                          text=True)
     assert two.returncode == 0, two.stderr[-3000:]

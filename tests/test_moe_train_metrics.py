@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from moe import MoEConfig, MoEFeedForward
-from moe.losses import routing_stats
-from moe.train import TrainOptions, train
-from moe.train.metrics import Interval, flat_scalars, routing_entry, trackers, train_flops_per_token
+from moekit.moe import MoEConfig, MoEFeedForward
+from moekit.moe.losses import routing_stats
+from moekit.moe.train import TrainOptions, train
+from moekit.moe.train.metrics import Interval, flat_scalars, routing_entry, trackers, train_flops_per_token
 
 from helpers import one_line_error
 

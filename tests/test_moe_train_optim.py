@@ -4,9 +4,9 @@ only, the routers' own learning rate, and `--train experts` freezing everything 
 import pytest
 import torch
 
-from moe import MoEConfig, MoEForCausalLM
-from moe.train import Schedule, make_optimizer
-from moe.train.optim import is_expert, is_router
+from moekit.moe import MoEConfig, MoEForCausalLM
+from moekit.moe.train import Schedule, make_optimizer
+from moekit.moe.train.optim import is_expert, is_router
 
 
 def test_schedule_warmup_then_cosine_to_the_floor():

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from moe.train import TrainOptions, train
-from moe.train.metrics import train_flops_per_token
-from moe.train.plot import figures, read_metrics, read_runs
+from moekit.moe.train import TrainOptions, train
+from moekit.moe.train.metrics import train_flops_per_token
+from moekit.moe.train.plot import figures, read_metrics, read_runs
 
 from helpers import moekit, one_line_error
 

@@ -4,9 +4,9 @@ import json
 
 import torch
 
-from llama import Llama
-from moe.train.sample import complete
-from moe.train.tokenizer import load_tokenizer
+from moekit.llama import Llama
+from moekit.moe.train.sample import complete
+from moekit.moe.train.tokenizer import load_tokenizer
 
 from helpers import moekit, one_line_error, tiny_checkpoint
 

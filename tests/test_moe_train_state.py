@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from moe.train.loop import load_model
+from moekit.moe.train.loop import load_model
 
 from helpers import ROOT, moekit, one_line_error
 
@@ -72,8 +72,8 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, capsys):
 
 
 def test_an_interrupted_run_is_not_started_over_by_accident(tmp_path, capsys, monkeypatch):
-    from moe.train import loop
     from moekit.cli import main
+    from moekit.moe.train import loop
 
     evaluate, calls = loop.evaluate, []
 
@@ -113,7 +113,7 @@ def test_resume_of_something_that_is_not_an_interrupted_run(tmp_path, capsys, ca
 
 
 def test_a_run_another_process_works_in_is_not_taken_over(tmp_path, capsys):
-    from llama.io import locked_dir
+    from moekit.llama.io import locked_dir
 
     fd = locked_dir(str(tmp_path / "run.partial"))
     try:
@@ -146,7 +146,7 @@ def test_a_diverging_loss_stops_with_the_last_good_state(tmp_path, capsys, monke
 
 
 def test_a_source_with_nan_weights_stops_at_the_first_log_step(tmp_path, capsys):
-    from llama import Llama, LlamaConfig
+    from moekit.llama import Llama, LlamaConfig
 
     model = Llama(LlamaConfig.from_name("tiny"))
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_a_source_with_nan_weights_stops_at_the_first_log_step(tmp_path, capsys)
 
 
 def test_resume_drops_a_metrics_line_cut_by_the_kill(tmp_path):
-    from moe.train.state import WorkDir
+    from moekit.moe.train.state import WorkDir
 
     work = WorkDir(str(tmp_path / "run"), main=True)
     os.makedirs(work.path)

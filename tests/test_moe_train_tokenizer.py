@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import transformers
 
-from llama.model import Llama
-from moe.train import TrainOptions, train
-from moe.train.data import load_tokens
-from moe.train.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from moekit.llama.model import Llama
+from moekit.moe.train import TrainOptions, train
+from moekit.moe.train.data import load_tokens
+from moekit.moe.train.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 from helpers import bpe_tokenizer, corpus, one_line_error, tiny_checkpoint
 
@@ -109,7 +109,7 @@ def test_moekit_tokenizer_train_writes_a_tokenizer_the_trainer_and_transformers_
 
 
 def test_the_standard_library_is_built_in_data_split_by_file():
-    from moe.train.data import Documents
+    from moekit.moe.train.data import Documents
 
     train, held_out = Documents("builtin:python-stdlib", "text"), Documents("builtin:python-stdlib-val", "text")
     assert len(train.files) > 10 * len(held_out.files) > 0 and not set(train.files) & set(held_out.files)

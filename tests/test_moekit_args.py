@@ -4,9 +4,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from llama.errors import ConfigError
-from llama.options import check_options, option, parse_number
 from moekit.args import Parser, add_options, options_from
+from moekit.llama.errors import ConfigError
+from moekit.llama.options import check_options, option, parse_number
 
 
 @dataclass

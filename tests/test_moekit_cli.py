@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from llama.errors import ConfigError
-from llama.options import declared_fields, flag_name
 from moekit.cli import COMMANDS, main
+from moekit.llama.errors import ConfigError
+from moekit.llama.options import declared_fields, flag_name
 
 from helpers import moekit, one_line_error
 

@@ -13,9 +13,9 @@ from collections import namedtuple
 import pytest
 from test_llama_checkpoint_safety import digest
 
-from llama.io import locked_dir
 from moekit.cli import main
-from upcycle import verify_checkpoints
+from moekit.llama.io import locked_dir
+from moekit.upcycle import verify_checkpoints
 
 from helpers import ROOT, moekit, one_line_error, sharded_dense
 
@@ -69,7 +69,7 @@ def test_empty_paths_are_refused(dense_dir, tmp_path, capsys, argv):
 
 RACER = """
 import os, sys, time
-from llama import io
+from moekit.llama import io
 publish = io.publish
 def publish_together(tmp, dst, force):  # every racer has checked that DST is absent; now all publish at once
     open(sys.argv[3] + "." + sys.argv[4], "w").close()
@@ -106,7 +106,7 @@ def test_concurrent_upcycles_to_one_dst(dense_dir, tmp_path, force):
 
 HOLDER = """
 import sys, time
-from llama.io import locked_dir
+from moekit.llama.io import locked_dir
 fd = locked_dir(sys.argv[1])
 print("locked", flush=True)
 time.sleep(120)
@@ -136,10 +136,10 @@ def test_a_live_runs_temporary_is_not_stale_whatever_its_name_says(dense_dir, tm
 
 
 def test_too_little_free_space_is_refused_up_front(dense_dir, tmp_path, capsys, monkeypatch):
-    import llama.io
+    from moekit.llama import io
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(llama.io.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 5000, 5000))
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 5000, 5000))
     err = one_line_error(capsys, "upcycle", dense_dir, tmp_path / "moe", "--num-experts", "100000", "--no-progress")
     assert "the MoE needs 4.94 GB but" in err and "--ignore-free-space" in err
     assert names(tmp_path) == []
@@ -157,7 +157,7 @@ def fail_with(code: int):
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES], ids=["disk-full", "read-only", "denied"])
 def test_write_errors_are_one_line_and_leave_nothing(dense_dir, tmp_path, capsys, monkeypatch, code):
-    from llama import checkpoint
+    from moekit.llama import checkpoint
 
     monkeypatch.setattr(checkpoint.ShardedWriter, "write", fail_with(code))
     for argv in (["upcycle", dense_dir, tmp_path / "moe", "--no-progress"],
@@ -189,7 +189,7 @@ def test_train_into_a_directory_that_does_not_exist_yet(tmp_path, capsys):
 
 SLOW_UPCYCLE = """
 import sys, time
-from llama import checkpoint
+from moekit.llama import checkpoint
 write = checkpoint.ShardedWriter.write
 def slow_write(self, name, tensor):
     write(self, name, tensor)

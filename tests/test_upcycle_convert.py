@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from llama import Llama, LlamaConfig
-from moe.model import MoEForCausalLM
 from moekit.cli import main
-from upcycle import UpcycleOptions, read_record, upcycle, upcycle_model, verify_checkpoints
-from upcycle.verify import VerifyError
+from moekit.llama import Llama, LlamaConfig
+from moekit.moe.model import MoEForCausalLM
+from moekit.upcycle import UpcycleOptions, read_record, upcycle, upcycle_model, verify_checkpoints
+from moekit.upcycle.verify import VerifyError
 
 
 def tiny_config(**kw):
@@ -216,7 +216,7 @@ def test_cli_upcycle_and_verify(tmp_path, dense_dir, capsys):
 
 
 def test_a_failed_exactness_check_publishes_nothing(tmp_path, dense_dir, monkeypatch):
-    from upcycle import recipes
+    from moekit.upcycle import recipes
 
     monkeypatch.setattr(recipes, "SHARED_GATE_COMPENSATION", 1.0)  # forget sigmoid(0) = 1/2
     with pytest.raises(VerifyError, match="should reproduce the dense model but max"):

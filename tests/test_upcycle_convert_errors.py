@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from llama.checkpoint import INDEX_NAME
 from moekit.cli import main
+from moekit.llama.checkpoint import INDEX_NAME
 
 from helpers import ROOT, sharded_dense
 
@@ -95,7 +95,7 @@ def test_existing_dst_needs_force_and_src_is_protected(tmp_path, dense_dir, caps
 
 KILLED_CHILD = """
 import sys, time
-from llama import checkpoint
+from moekit.llama import checkpoint
 write = checkpoint.ShardedWriter.write
 def slow_write(self, name, tensor):
     write(self, name, tensor)

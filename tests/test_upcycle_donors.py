@@ -11,11 +11,11 @@ import os
 import pytest
 import torch
 
-from llama.checkpoint import CheckpointReader
-from moe import formats
-from moe.model import MoEForCausalLM
-from upcycle import UpcycleOptions, read_record, upcycle
-from upcycle.routers import routing_shares
+from moekit.llama.checkpoint import CheckpointReader
+from moekit.moe import formats
+from moekit.moe.model import MoEForCausalLM
+from moekit.upcycle import UpcycleOptions, merge_donors, read_record
+from moekit.upcycle.routers import routing_shares
 
 from helpers import donor_prompts, moekit, prompt_flags, single_thread
 
@@ -39,7 +39,7 @@ def hidden_options(donors, **kw) -> UpcycleOptions:
 def merged(donors, tmp_path_factory):
     dst = tmp_path_factory.mktemp("merged") / "moe"
     with single_thread():
-        upcycle(None, dst, hidden_options(donors), progress=False, log=None)
+        merge_donors(dst, hidden_options(donors), progress=False, log=None)
     return dst
 
 
@@ -73,7 +73,7 @@ def test_hidden_routers_send_each_donors_prompts_to_it_random_ones_do_not(merged
     assert set(shares) == {"0", "1", "2"} and min(shares.values()) > 0.6, shares
     assert sum(shares.values()) / 3 > 0.75  # chance: 1/3
     for seed in range(3):
-        upcycle(None, tmp_path / f"random{seed}", UpcycleOptions(donors=donors[1], base=donors[0], seed=seed),
+        merge_donors(tmp_path / f"random{seed}", UpcycleOptions(donors=donors[1], base=donors[0], seed=seed),
                 progress=False, log=None)
         blind = routing_shares(str(tmp_path / f"random{seed}"), hidden_options(donors))
         assert sum(blind.values()) / 3 < 0.45 and min(blind.values()) < 0.5, blind
@@ -152,7 +152,7 @@ def test_copies_with_noise_and_a_shared_donor(donors, tmp_path):
     o = UpcycleOptions(donors=paths[1:], base=base, shared_donor=paths[0], num_experts=4, recipe="noise",
                        noise_scale=0.05, router_init="cheap-embed",
                        positive_prompts=["0:The old town.", "1:3 + 4 = 7", "shared:def f(x):"])
-    record = upcycle(None, tmp_path / "moe", o, progress=False, log=None)
+    record = merge_donors(tmp_path / "moe", o, progress=False, log=None)
     assert record["format"] == "qwen2_moe" and record["experts"] == [paths[1], paths[1], paths[2], paths[2]]
     v = record["verify"]
     assert not v["ok"] and min(v["per_expert"][:4]) > 1e-4 and v["per_expert"][4] == 0.0  # noisy copies, exact shared

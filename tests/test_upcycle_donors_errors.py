@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from llama import Llama
-from llama.errors import ConfigError
-from upcycle import UpcycleOptions, upcycle_model
+from moekit.llama import Llama
+from moekit.llama.errors import ConfigError
+from moekit.upcycle import UpcycleOptions, upcycle_model
 
 from helpers import one_line_error, tiny_llama
 

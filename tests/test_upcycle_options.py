@@ -2,8 +2,8 @@
 
 import pytest
 
-from llama.errors import ConfigError
-from upcycle import UpcycleOptions
+from moekit.llama.errors import ConfigError
+from moekit.upcycle import UpcycleOptions
 
 
 def test_options_layout_and_errors():

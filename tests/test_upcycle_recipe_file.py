@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from llama.errors import ConfigError
-from upcycle import UpcycleOptions
-from upcycle.recipe_file import describe, read_recipe
+from moekit.llama.errors import ConfigError
+from moekit.upcycle import UpcycleOptions
+from moekit.upcycle.recipe_file import describe, read_recipe
 
 # the shape of mergekit-moe configs published beside merged models (comments and all)
 PUBLISHED = """\

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from upcycle import recipes
+from moekit.upcycle import recipes
 
 
 def ffn(x, gate, up, down):

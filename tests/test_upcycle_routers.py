@@ -6,9 +6,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from llama.checkpoint import CheckpointReader
-from upcycle import UpcycleOptions
-from upcycle.routers import prompt_routers, tokenize
+from moekit.llama.checkpoint import CheckpointReader
+from moekit.upcycle import UpcycleOptions
+from moekit.upcycle.routers import prompt_routers, tokenize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

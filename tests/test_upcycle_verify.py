@@ -1,48 +1,19 @@
-"""upcycle.verify: the streamed, independently written forward pass equals the models' own (dense Llama, Mixtral,
-Qwen2-MoE with a shared expert and dense layers), and the comparison reports what differs."""
+"""upcycle.verify: the comparison of two checkpoints reports what differs, and refuses what cannot be compared."""
 
 import json
 
 import pytest
 import torch
 
-from llama import Llama
-from llama.errors import ConfigError
-from moe import MoEConfig, MoEForCausalLM
-from upcycle.verify import StreamedCheckpoint, verify_checkpoints
+from moekit.llama import Llama
+from moekit.llama.errors import ConfigError
+from moekit.upcycle.verify import verify_checkpoints
 
-from helpers import tiny_llama
-
-
-def saved(tmp_path, name: str):
-    torch.manual_seed(0)
-    if name == "llama":
-        model = Llama(tiny_llama(num_key_value_heads=2))
-    else:
-        model = MoEForCausalLM(MoEConfig.from_name("tiny-moe" if name == "mixtral" else "tiny-moe-shared"))
-        for p in model.parameters():  # random, not near-uniform, routing
-            torch.nn.init.normal_(p, std=0.1)
-    model.save_pretrained(tmp_path / name, max_shard_size="20KB")
-    return model.eval(), tmp_path / name
-
-
-@pytest.mark.parametrize("name", ["llama", "mixtral", "qwen2_moe"])
-def test_streamed_logits_equal_the_model(tmp_path, name):
-    model, path = saved(tmp_path, name)
-    ids = torch.randint(0, model.config.vocab_size, (1, 19))
-    checkpoint = StreamedCheckpoint(path)
-    try:
-        assert checkpoint.format == name
-        streamed = checkpoint.logits(ids)
-    finally:
-        checkpoint.close()
-    with torch.no_grad():
-        want = model(ids).logits
-    assert streamed.shape == want.shape and (streamed - want).abs().max().item() <= 1e-5
+from helpers import saved_model, tiny_llama
 
 
 def test_verify_reports_the_difference(tmp_path):
-    model, path = saved(tmp_path, "llama")
+    model, path = saved_model(tmp_path, "llama")
     assert verify_checkpoints(path, path, tokens=16).max_abs == 0.0
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.mul_(1.01)
@@ -55,7 +26,7 @@ def test_verify_reports_the_difference(tmp_path):
 
 
 def test_models_of_other_shapes_are_refused(tmp_path):
-    _, a = saved(tmp_path, "llama")
+    _, a = saved_model(tmp_path, "llama")
     Llama(tiny_llama(hidden_size=24, num_attention_heads=2)).save_pretrained(tmp_path / "narrow")
     with pytest.raises(ConfigError, match="hidden_size 48 != 24"):
         verify_checkpoints(a, tmp_path / "narrow")

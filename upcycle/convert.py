@@ -20,35 +20,35 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from llama.checkpoint import (
+from moekit.llama.checkpoint import (
     CheckpointReader,
     ShardedWriter,
     StateDictReader,
     copy_side_files,
     dtype_from_name,
 )
-from llama.config import LlamaConfig
-from llama.errors import CheckpointError, ConfigError
-from llama.io import (
+from moekit.llama.config import LlamaConfig
+from moekit.llama.errors import CheckpointError, ConfigError
+from moekit.llama.io import (
     AtomicDir,
     check_disjoint,
     check_free_space,
     check_path,
     file_sha256,
     package_version,
-    read_json,
     write_json,
 )
-from llama.model import Llama
-from moe import formats
-from moe.config import MoEConfig
+from moekit.llama.model import Llama
+from moekit.moe import formats
+from moekit.moe.config import MoEConfig
 
 from . import recipes
 from .options import UpcycleOptions
+from .record import RECORD_NAME
+from .verify import LOGIT_ATOL, VerifyError, verify_checkpoints
 
 _TAG = {"router": 1, "drop": 2, "gate": 3, "up": 4, "down": 5}  # generator stream ids
 _DENSE_MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight")
-RECORD_NAME = "upcycling.json"
 
 
 class _Context:
@@ -92,7 +92,7 @@ class Layout:
 
 
 @dataclass
-class Plan:
+class UpcyclePlan:
     dense: LlamaConfig
     config: MoEConfig
     format: str
@@ -155,7 +155,7 @@ def moe_config(dense: LlamaConfig, options: UpcycleOptions, source_name: str) ->
     return config, formats.choose_format(config, options.format), layers
 
 
-def plan_upcycle(source, options: UpcycleOptions, layout: Layout | None = None) -> Plan:
+def plan_upcycle(source, options: UpcycleOptions, layout: Layout | None = None) -> UpcyclePlan:
     """Check the source (the base) and options; list every output tensor with how to make it (`layout`: experts
     from several sources, read through the context's sources)."""
     layout = layout or Layout([0] * options.total_experts)
@@ -164,7 +164,7 @@ def plan_upcycle(source, options: UpcycleOptions, layout: Layout | None = None) 
     expected = dense_tensors(source, dense)
     config, fmt, layers = moe_config(dense, options, cfg_name)
     want = dtype_from_name(options.dtype)
-    plan = Plan(dense, config, fmt, layers)
+    plan = UpcyclePlan(dense, config, fmt, layers)
 
     def out_dtype(name: str) -> torch.dtype:
         dt = source.dtype(name)
@@ -181,7 +181,7 @@ def plan_upcycle(source, options: UpcycleOptions, layout: Layout | None = None) 
     return plan
 
 
-def _plan_moe_layer(plan: Plan, i: int, o: UpcycleOptions, dtype: torch.dtype, layout: Layout) -> None:
+def _plan_moe_layer(plan: UpcyclePlan, i: int, o: UpcycleOptions, dtype: torch.dtype, layout: Layout) -> None:
     cfg, fmt = plan.config, plan.format
     H, Fe, G, s, R, E = cfg.hidden_size, cfg.moe_intermediate_size, o.num_shards, o.shared_experts, \
         o.routed_shards, o.num_experts
@@ -232,17 +232,13 @@ def _expert_maker(o: UpcycleOptions, i: int, j: int, role: str, dense_name: str,
 
 def upcycle(src: str | os.PathLike | None, dst: str | os.PathLike, options: UpcycleOptions | None = None,
             progress: bool = True, log: Callable[[str], None] | None = print) -> dict:
-    """Upcycle the dense checkpoint directory `src` into the MoE checkpoint directory `dst` (with `options.donors`,
-    `src` None: merge the donors' FFNs as experts, see `upcycle.donors`); return the record written to
-    `dst/upcycling.json`. Nothing appears at `dst` unless the whole directory was written (and, for a
+    """Upcycle the dense checkpoint directory `src` into the MoE checkpoint directory `dst`; return the record
+    written to `dst/upcycling.json` (several donors: `donors.merge_donors`). Nothing appears at `dst` unless the whole directory was written (and, for a
     function-preserving recipe with verification on, verified)."""
     options = options or UpcycleOptions()
     if options.donors:
-        from .donors import merge_donors
-
-        return merge_donors(src, dst, options, progress, log)
-    from .verify import LOGIT_ATOL, VerifyError, verify_checkpoints
-
+        raise ConfigError("upcycle() makes an MoE from one dense model; merge --donors with "
+                          "moekit.upcycle.merge_donors(dst, options)")
     start = time.perf_counter()
     src, dst = check_path(src or "", "SRC"), check_path(dst, "DST")
     check_disjoint(src, dst)
@@ -270,7 +266,7 @@ def upcycle(src: str | os.PathLike | None, dst: str | os.PathLike, options: Upcy
     return record
 
 
-def plan_record(plan: Plan, options: UpcycleOptions) -> dict:
+def plan_record(plan: UpcyclePlan, options: UpcycleOptions) -> dict:
     """What upcycling.json says about the recipe and the layout."""
     c = plan.config
     return {"recipe": options.recipe, "seed": options.seed, "options": options.to_dict(), "format": plan.format,
@@ -279,7 +275,7 @@ def plan_record(plan: Plan, options: UpcycleOptions) -> dict:
             "shared_expert_intermediate_size": c.shared_expert_intermediate_size}
 
 
-def write_checkpoint(plan: Plan, sources: list, dst: str, options: UpcycleOptions, record: dict,
+def write_checkpoint(plan: UpcyclePlan, sources: list, dst: str, options: UpcycleOptions, record: dict,
                      check: Callable[[str, dict], None], start: float, progress: bool) -> None:
     """Write `plan` (tensors read from `sources`, 0 the base) into `dst` through `DST.tmp-*`: config.json, the
     shards one tensor at a time, the base's side files; then `check(tmp, record)` (raising: nothing is published),
@@ -303,7 +299,7 @@ def write_checkpoint(plan: Plan, sources: list, dst: str, options: UpcycleOption
 
 
 
-def summary_line(src: str, dst: str, plan: Plan, record: dict) -> str:
+def summary_line(src: str, dst: str, plan: UpcyclePlan, record: dict) -> str:
     o, c = record["options"], plan.config
     gb, secs = record["output_bytes"] / 1e9, record["seconds"]
     shared = f" + shared expert {c.shared_expert_intermediate_size}" if c.has_shared_expert else ""
@@ -321,7 +317,7 @@ def summary_line(src: str, dst: str, plan: Plan, record: dict) -> str:
 def upcycle_model(dense_model: Llama, options: UpcycleOptions | None = None):
     """The same recipes on a live dense model: returns an MoEForCausalLM (its own tensors, on the dense model's
     device), in the dense model's train/eval mode."""
-    from moe.model import MoEForCausalLM
+    from moekit.moe.model import MoEForCausalLM
 
     options = options or UpcycleOptions()
     if options.donors:
@@ -341,11 +337,3 @@ def upcycle_model(dense_model: Llama, options: UpcycleOptions | None = None):
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.reset(device)
     return model.train(dense_model.training)
-
-
-def read_record(path: str | os.PathLike) -> dict:
-    """The `upcycling.json` of an upcycled directory."""
-    record = read_json(os.path.join(str(path), RECORD_NAME), RECORD_NAME)
-    if not isinstance(record, dict):
-        raise CheckpointError(f"{path}/{RECORD_NAME}: expected a JSON object")
-    return record

@@ -25,14 +25,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from llama.checkpoint import CheckpointReader
-from llama.config import LlamaConfig
-from llama.errors import CheckpointError, ConfigError
-from llama.io import check_disjoint, check_path, file_sha256, package_version
-from moe import formats
+from moekit.llama.checkpoint import CheckpointReader
+from moekit.llama.config import LlamaConfig
+from moekit.llama.errors import CheckpointError, ConfigError
+from moekit.llama.io import check_disjoint, check_path, file_sha256, package_version
+from moekit.moe import formats
 
-from .convert import Layout, Plan, plan_record, plan_upcycle, write_checkpoint
+from .convert import Layout, UpcyclePlan, plan_record, plan_upcycle, write_checkpoint
 from .options import PROMPT_INITS, UpcycleOptions
+from .recipe_file import describe
+from .routers import prompt_routers
+from .verify import ExpertsResult, VerifyError, check_merged
 
 SHARED_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "hidden_act", "mlp_bias")
 
@@ -72,17 +75,14 @@ def checksums(readers: list[CheckpointReader], stop: threading.Event | None = No
                      **{f: file_sha256(real, stop) for f, real in sorted(r.files.items())}} for r in readers}
 
 
-def merge_donors(src: str | None, dst: str | os.PathLike, options: UpcycleOptions, progress: bool = True,
+def merge_donors(dst: str | os.PathLike, options: UpcycleOptions, progress: bool = True,
                  log: Callable[[str], None] | None = print) -> dict:
     """Merge `options.donors` into the MoE directory `dst` (see the module docstring); return the record written to
     `dst/upcycling.json`. Nothing appears at `dst` unless written completely and, for copy, every expert equals its
     donor's FFN."""
-    from .routers import prompt_routers
-    from .verify import VerifyError, check_merged
-
     start = time.perf_counter()
-    if src is not None:
-        raise ConfigError(f"SRC {src} given with --donors: the base is --base (default: the first donor)")
+    if not options.donors:
+        raise ConfigError("merge_donors needs options.donors (--donors A B ...)")
     dst = check_path(dst, "DST")
     paths = [check_path(p, "donor") for p in options.donors]
     options = dataclasses.replace(options, donors=paths, base=check_path(options.base or paths[0], "--base"),
@@ -112,8 +112,6 @@ def merge_donors(src: str | None, dst: str | os.PathLike, options: UpcycleOption
                                                                     for j in range(options.num_experts)],
                   "router_init": options.router_init, **plan_record(plan, options), "function_preserving": False}
         if options.config:
-            from .recipe_file import describe
-
             record["recipe_file"] = describe(options.config)
 
         def check(tmp: str, record: dict) -> None:
@@ -139,7 +137,7 @@ def merge_donors(src: str | None, dst: str | os.PathLike, options: UpcycleOption
     return record
 
 
-def summary_line(dst: str, plan: Plan, options: UpcycleOptions, record: dict) -> str:
+def summary_line(dst: str, plan: UpcyclePlan, options: UpcycleOptions, record: dict) -> str:
     c, gb, secs = plan.config, record["output_bytes"] / 1e9, record["seconds"]
     shared = f" + shared expert {c.shared_expert_intermediate_size}" if c.has_shared_expert else ""
     D = len(options.donors)
@@ -150,7 +148,5 @@ def summary_line(dst: str, plan: Plan, options: UpcycleOptions, record: dict) ->
             f"{secs:.1f} s")
     v = record["verify"]
     if v is not None:
-        from .verify import ExpertsResult
-
         line += f"; verify: {ExpertsResult(**v).line()}"
     return line

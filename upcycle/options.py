@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from llama.errors import ConfigError
-from llama.options import MAX_SEED, check_options, option, parse_size
+from moekit.llama.errors import ConfigError
+from moekit.llama.options import MAX_SEED, check_options, option, parse_size
 
 RECIPES = ("copy", "noise", "drop", "granular")
 ROUTER_INITS = ("normal", "random", "zeros", "cheap-embed", "hidden")  # random: mergekit's name for normal

@@ -31,7 +31,7 @@ import hashlib
 import json
 import os
 
-from llama.errors import ConfigError
+from moekit.llama.errors import ConfigError
 
 from .options import UpcycleOptions
 

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from llama.checkpoint import checkpoint_tokenizer
-from llama.errors import ConfigError
-from moe import formats
+from moekit.llama.checkpoint import checkpoint_tokenizer
+from moekit.llama.errors import ConfigError
+from moekit.moe import formats
 
 from .options import UpcycleOptions
-from .verify import StreamedCheckpoint
+from .streamed import StreamedCheckpoint
 
 
 @dataclass

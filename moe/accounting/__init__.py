@@ -10,11 +10,11 @@
 
 It imports `llama` and `moe`'s config; nothing here needs the model's weights. Exports load on first use.
 
-    from moe.accounting import Plan, count_params, derive
+    from moekit.moe.accounting import Plan, count_params, derive
     derive(count_params("mixtral-8x7b"), Plan(tokens=1e12, gpus=64, peak_flops=989e12, mfu=0.4)).figures
 """
 
-from llama._lazy import lazy_exports
+from moekit.llama._lazy import lazy_exports
 
 _EXPORTS = {
     "COMPONENTS": "formulas", "FORMULAS": "formulas", "SUPPORTED_MODEL_TYPES": "formulas", "Arch": "formulas",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from llama.errors import ConfigError
+from moekit.llama.errors import ConfigError
 
 COMPONENTS = ("embedding", "attention", "dense_ffn", "routed_experts", "shared_experts", "router", "norm",
               "lm_head", "other")

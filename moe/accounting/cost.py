@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from llama.errors import ConfigError
-from llama.options import check_options, option, parse_number
+from moekit.llama.errors import ConfigError
+from moekit.llama.options import check_options, option, parse_number
 
 from .formulas import ParamCount
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llama.errors import ConfigError
+from moekit.llama.errors import ConfigError
 
 from . import formulas_gqa, formulas_hybrid, formulas_mla, formulas_moe
 from .blocks import COMPONENTS, Arch, Fields, ParamCount, Tally, core, finish, glu, gqa, linear, routed
@@ -125,7 +125,7 @@ SUPPORTED_MODEL_TYPES = (*FORMULAS, "moe")
 
 
 def _moe_config_class():
-    from moe.config import MoEConfig  # lazily: the formulas above depend on plain dicts only
+    from moekit.moe.config import MoEConfig  # lazily: the formulas above depend on plain dicts only
 
     return MoEConfig
 

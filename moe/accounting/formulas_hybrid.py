@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from llama.errors import ConfigError
+from moekit.llama.errors import ConfigError
 
 from .blocks import Fields, Tally, attention_arch, core, ffn_layers, finish, gqa, linear, mamba2, sparse_kinds
 

@@ -24,12 +24,12 @@ from typing import Any
 
 from torch import nn
 
-from llama.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, CheckpointReader
-from llama.config import LLAMA_PRESETS, LlamaConfig
-from llama.errors import CheckpointError, ConfigError
-from llama.io import read_config_json
-from llama.options import parse_number
-from moe.config import MOE_PRESETS, MoEConfig
+from moekit.llama.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, CheckpointReader
+from moekit.llama.config import LLAMA_PRESETS, LlamaConfig
+from moekit.llama.errors import CheckpointError, ConfigError
+from moekit.llama.io import read_config_json
+from moekit.llama.options import parse_number
+from moekit.moe.config import MOE_PRESETS, MoEConfig
 
 from .formulas import (
     SUPPORTED_MODEL_TYPES,

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import dispatch, reference
-from llama.checkpoint import dtype_from_name
-from llama.io import check_parents, write_json_atomic
+from moekit.kernels import dispatch, reference
+from moekit.llama.checkpoint import dtype_from_name
+from moekit.llama.io import check_parents, write_json_atomic
 
 from .options import GemmBenchOptions
 from .timing import device_name, git_commit, median_time
@@ -65,7 +65,7 @@ def _experts_cases(x, weights, ids, gate_up, down, on_cuda: bool):
     if on_cuda and dispatch.HAS_TRITON:
         cases["moekit"] = (lambda *a: dispatch.swiglu_experts(*a, backend="triton"), (x, weights, ids, gate_up, down))
     try:
-        from kernels import megablocks
+        from moekit.kernels import megablocks
 
         megablocks._import()
         mb = [t.detach().requires_grad_() for t in megablocks.prepare(gate_up, down)]
@@ -101,7 +101,7 @@ def _measure(section, tokens, cases, flops_fwd, passes, device, iters, warmup):
 
 
 def _decode_rows(args, device, dtype):
-    from kernels import triton_ops
+    from moekit.kernels import triton_ops
 
     E, H, Fw, k = args.experts, args.hidden, args.ffn, args.top_k
     gate_up = torch.randn(E, 2 * Fw, H, device=device, dtype=dtype) / H ** 0.5

@@ -37,12 +37,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from kernels import megablocks
-from llama.checkpoint import dtype_from_name
-from llama.errors import MoekitError
-from llama.model import MLP
-from moe.config import MoEConfig
-from moe.layer import MoEFeedForward
+from moekit.kernels import megablocks
+from moekit.llama.checkpoint import dtype_from_name
+from moekit.llama.errors import MoekitError
+from moekit.llama.model import MLP
+from moekit.moe.config import MoEConfig
+from moekit.moe.layer import MoEFeedForward
 
 from .options import CONTENDERS, LayerBenchOptions
 from .timing import environment, time_once
@@ -290,7 +290,7 @@ def format_table(report: dict) -> str:
 def run(options: LayerBenchOptions) -> dict:
     """`moekit bench layer`: bench_layer with the options given (else the preset's, else the defaults); print the
     table and write the JSON."""
-    from llama.io import check_parents, write_json_atomic
+    from moekit.llama.io import check_parents, write_json_atomic
 
     if options.json:
         check_parents(options.json)

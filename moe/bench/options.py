@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llama.errors import ConfigError
-from llama.options import MAX_SEED, check_options, option
+from moekit.llama.errors import ConfigError
+from moekit.llama.options import MAX_SEED, check_options, option
 
 CONTENDERS = ("moekit", "hf-eager", "hf-grouped_mm", "megablocks", "dense-equivalent")
 LAYER_PRESETS = {  # option values a preset sets (options given as well override them)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from llama.io import package_version
+from moekit.llama.io import package_version
 
 
 def time_once(fn: Callable[[], object], device: torch.device) -> float:

@@ -34,12 +34,12 @@ from collections.abc import Callable
 
 import torch
 
-from llama.checkpoint import dtype_from_name
-from llama.errors import MoekitError
-from moe.accounting.cost import device_peak_flops, train_flops_per_token
-from moe.config import MoEConfig
-from moe.formats import hf_config_dict
-from moe.model import MoEForCausalLM
+from moekit.llama.checkpoint import dtype_from_name
+from moekit.llama.errors import MoekitError
+from moekit.moe.accounting.cost import device_peak_flops, train_flops_per_token
+from moekit.moe.config import MoEConfig
+from moekit.moe.formats import hf_config_dict
+from moekit.moe.model import MoEForCausalLM
 
 from .layer import resolve_device
 from .options import TrainBenchOptions
@@ -232,7 +232,7 @@ def format_table(report: dict) -> str:
 
 def run(options: TrainBenchOptions) -> dict:
     """`moekit bench train`: print the table, write the JSON."""
-    from llama.io import check_parents, write_json_atomic
+    from moekit.llama.io import check_parents, write_json_atomic
 
     if options.json:
         check_parents(options.json)

@@ -1,4 +1,5 @@
-"""Training: the accelerate trainer for dense and MoE causal LMs (`moekit train`, `accelerate launch -m moe.train`).
+"""Training: the accelerate trainer for dense and MoE causal LMs (`moekit train`; under a launcher
+`accelerate launch -m moekit train` or `torchrun -m moekit train`).
 
     options    every option, declared once (`TrainOptions`)
     tokenizer  the checkpoint's own tokenizer.json (the `tokenizers` library), another one, or bytes
@@ -10,11 +11,11 @@
 
 It imports `llama` and `moe`. Exports load on first use.
 
-    from moe.train import TrainOptions, train
+    from moekit.moe.train import TrainOptions, train
     result = train(TrainOptions(model="tiny-moe", out="runs/x", steps=100))
 """
 
-from llama._lazy import lazy_exports
+from moekit.llama._lazy import lazy_exports
 
 _EXPORTS = {
     "MIXED_PRECISION": "options", "TrainOptions": "options",

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llama.errors import ConfigError
-from llama.io import file_sha256
+from moekit.llama.errors import ConfigError
+from moekit.llama.io import file_sha256
 
 BUILTIN = ("builtin:arith", "builtin:python-stdlib", "builtin:python-stdlib-val")
 # The Python standard library's own sources: text every machine with Python has. Test suites, IDLE, Tk, 2to3 and

@@ -1,5 +1,5 @@
 """The training loop: a dense Llama or an MoE causal LM with accelerate (`moekit train`, `accelerate launch -m
-moe.train`, `torchrun -m moe.train`), read top to bottom like nanoGPT's.
+moekit train`, `torchrun -m moekit train`), read top to bottom like nanoGPT's.
 
 Load the model and its tokenizer, tokenise the data once (cached), then per optimizer step: the step's windows
 (the same whatever the number of processes and micro-batches), forward and backward per micro-batch, clip, AdamW,
@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llama.config import LLAMA_PRESETS, LlamaConfig
-from llama.errors import CheckpointError, ConfigError, MoekitError
-from llama.io import check_disjoint, config_path, read_config_json, read_json, write_json
-from llama.model import Llama
-from moe import formats
-from moe.config import MOE_PRESETS, MoEConfig
-from moe.model import MoEForCausalLM
+from moekit.llama.config import LLAMA_PRESETS, LlamaConfig
+from moekit.llama.errors import CheckpointError, ConfigError, MoekitError
+from moekit.llama.io import check_disjoint, config_path, read_config_json, read_json, write_json
+from moekit.llama.model import Llama
+from moekit.moe import formats
+from moekit.moe.config import MOE_PRESETS, MoEConfig
+from moekit.moe.model import MoEForCausalLM
 
 from .data import TokenData, load_tokens
 from .metrics import (

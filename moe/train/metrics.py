@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from moe.accounting.cost import device_peak_flops, train_flops_per_token  # noqa: F401 (the trainer's MFU inputs)
+from moekit.moe.accounting.cost import device_peak_flops, train_flops_per_token  # noqa: F401 (the trainer's MFU inputs)
 
 
 class Interval:
@@ -107,7 +107,7 @@ def trackers(report_to: str) -> list[str]:
     """The accelerate trackers to log to: those named (an error if not installed), or every installed one."""
     import importlib.util
 
-    from llama.errors import ConfigError
+    from moekit.llama.errors import ConfigError
 
     installed = [t for t in TRACKERS if importlib.util.find_spec(t) is not None]
     if report_to == "none":

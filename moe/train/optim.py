@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe.accounting.sources import classify
+from moekit.moe.accounting.sources import classify
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from llama.errors import ConfigError
-from llama.options import MAX_SEED, check_options, option
+from moekit.llama.errors import ConfigError
+from moekit.llama.options import MAX_SEED, check_options, option
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 SAVE_DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -25,7 +25,7 @@ class TrainOptions:
     """train a dense or MoE model (accelerate), write a checkpoint and metrics
 
     Train a dense Llama or MoE causal LM with accelerate (one CPU, or many processes under `accelerate launch -m
-    moe.train` or `torchrun -m moe.train`): AdamW, warmup + cosine, gradient accumulation, router losses and the
+    moekit train` or `torchrun -m moekit train`): AdamW, warmup + cosine, gradient accumulation, router losses and the
     once-per-step router bias update for MoE. Text goes through the checkpoint's own tokenizer. Writes OUT (a
     complete Hugging Face checkpoint with the source's tokenizer files, metrics.jsonl, train_config.json) when
     training ends; a killed run continues with --resume."""

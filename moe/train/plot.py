@@ -28,8 +28,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from llama.errors import ConfigError, MoekitError
-from llama.io import AtomicDir, check_path, read_json
+from moekit.llama.errors import ConfigError, MoekitError
+from moekit.llama.io import AtomicDir, check_path, read_json
 
 from .metrics import train_flops_per_token
 from .options import PlotOptions

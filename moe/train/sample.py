@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from llama.errors import ConfigError
+from moekit.llama.errors import ConfigError
 
 from .loop import load_model
 from .tokenizer import load_tokenizer

@@ -26,9 +26,9 @@ import shutil
 
 from torch import nn
 
-from llama.checkpoint import copy_side_files, resolve_inside
-from llama.errors import CheckpointError, ConfigError
-from llama.io import (
+from moekit.llama.checkpoint import copy_side_files, resolve_inside
+from moekit.llama.errors import CheckpointError, ConfigError
+from moekit.llama.io import (
     check_parents,
     check_path,
     locked_dir,

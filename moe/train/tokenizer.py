@@ -13,9 +13,9 @@ import os
 
 import numpy as np
 
-from llama.checkpoint import read_tokenizer, resolve_inside
-from llama.errors import ConfigError
-from llama.io import file_sha256, read_json
+from moekit.llama.checkpoint import read_tokenizer, resolve_inside
+from moekit.llama.errors import ConfigError
+from moekit.llama.io import file_sha256, read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
@@ -154,7 +154,7 @@ def train_tokenizer(data: str, out: str, vocab_size: int = 4096, text_field: str
     transformers reads. Its one special token, <|endoftext|>, ends each document (GPT-2's convention)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from llama.io import AtomicDir
+    from moekit.llama.io import AtomicDir
 
     from .data import Documents
 
