@@ -1,26 +1,28 @@
 """One entry point per op: Triton kernels on CUDA tensors (when triton is installed), the pure-torch reference
 otherwise. `backend=` forces a choice: "torch", "triton" (on CPU tensors only under TRITON_INTERPRET=1, which
-Triton reads when kernels.triton_ops is first imported) or, for swiglu_experts, "megablocks" (optional package).
+Triton reads when moekit.kernels.triton_ops is first imported) or, for swiglu_experts, "megablocks" (optional package).
 """
 
 import importlib.util
+from typing import Literal, get_args
 
 import torch
 
 from . import reference
 
-BACKENDS = ("auto", "torch", "triton", "megablocks")
+Backend = Literal["auto", "torch", "triton", "megablocks"]
+BACKENDS = get_args(Backend)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DECODE_MAX_COPIES = 32  # T*k at or below which inference takes the per-copy matrix-vector path (see bench --decode)
 
 
 def _triton_ops():
-    from . import triton_ops  # imported on first use, so a CPU-only `import kernels` never loads triton
+    from . import triton_ops  # on first use: a CPU-only `import moekit.kernels` never loads triton
 
     return triton_ops
 
 
-def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
+def resolve_backend(backend: Backend | None, x: torch.Tensor) -> str:
     """The backend that runs an op on x: "auto" (or None) is "triton" on CUDA with triton installed, else "torch"."""
     backend = backend or "auto"
     if backend not in BACKENDS:
@@ -32,7 +34,7 @@ def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
             raise ImportError("backend='triton' needs the triton package (pip install triton)")
         if not x.is_cuda and not _triton_ops().INTERPRET:
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment before "
-                             "kernels.triton_ops is imported")
+                             "moekit.kernels.triton_ops is imported")
     return backend
 
 

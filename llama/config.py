@@ -7,43 +7,48 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 from .errors import ConfigError
 from .io import config_path, read_config_json
+from .options import check_config_fields, option
 
-ROPE_TYPES = ("default", "linear", "llama3")
+RopeType = Literal["default", "linear", "llama3"]  # rope_scaling["rope_type"]
+ROPE_TYPES = get_args(RopeType)
+LlamaModelType = Literal["llama"]
 
 
 @dataclass
 class LlamaConfig:
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int | None = None  # None: = num_attention_heads (MHA)
-    head_dim: int | None = None  # None: = hidden_size // num_attention_heads
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": 8.0, ...}
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    mlp_bias: bool = False
+    """The fields of a Llama config.json, each declared with its type and range (checked on construction)."""
+
+    vocab_size: int = option(32000, "V: tokens in the vocabulary", min=1)
+    hidden_size: int = option(4096, "H: width of the residual stream", min=1)
+    intermediate_size: int = option(11008, "F: width of the SwiGLU MLP", min=1)
+    num_hidden_layers: int = option(32, "L: decoder layers", min=1)
+    num_attention_heads: int = option(32, "query heads", min=1)
+    num_key_value_heads: int | None = option(None, "key / value heads; None: = num_attention_heads (MHA)", min=1)
+    head_dim: int | None = option(None, "None: = hidden_size // num_attention_heads", min=1)
+    hidden_act: Literal["silu"] = option("silu", "the MLP's activation")
+    max_position_embeddings: int = option(2048, "the longest sequence", min=1)
+    initializer_range: float = option(0.02, "std of the initial weights", gt=0)
+    rms_norm_eps: float = option(1e-6, "RMSNorm epsilon", gt=0)
+    rope_theta: float = option(10000.0, "RoPE base", gt=0)
+    rope_scaling: dict | None = option(None, '{"rope_type": "llama3", "factor": 8.0, ...}')
+    tie_word_embeddings: bool = option(False, "the LM head is the embedding matrix")
+    attention_bias: bool = option(False, "biases on q, k, v and o")
+    mlp_bias: bool = option(False, "biases on the MLP's projections")
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
-    model_type: str = "llama"
+    model_type: LlamaModelType = option("llama", "the architecture")
     extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, kept verbatim
     # Key order and rope style of the config.json this was read from, for an exact round-trip.
     _source_keys: list | None = field(default=None, repr=False, compare=False)
     _source_values: dict | None = field(default=None, repr=False, compare=False)
     _rope_style: str = field(default="rope_scaling", repr=False, compare=False)
 
-    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("llama",)
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = get_args(LlamaModelType)
     PRESETS: ClassVar[dict[str, dict]] = {}  # set below the class: LLAMA_PRESETS
     REQUIRED: ClassVar[tuple[str, ...]] = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                            "num_attention_heads")
@@ -57,39 +62,22 @@ class LlamaConfig:
 
     # ---- checks -------------------------------------------------------------------------------
     def validate(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"config field '{name}' must be a positive integer, got {v!r}")
-        for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
-                raise ConfigError(f"config field '{name}' must be a positive finite number, got {v!r}")
-        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"config field '{name}' must be true or false, got {getattr(self, name)!r}")
+        check_config_fields(self)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, name)
             ids = v if isinstance(v, list) else [v]
             if not all(i is None or (isinstance(i, int) and not isinstance(i, bool)) for i in ids):
                 raise ConfigError(f"config field '{name}' must be a token id, a list of them or null, got {v!r}")
-        if not isinstance(self.hidden_act, str) or not isinstance(self.model_type, str):
-            raise ConfigError(f"config fields 'hidden_act' and 'model_type' must be strings, got "
-                              f"{self.hidden_act!r}, {self.model_type!r}")
-        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
-            raise ConfigError(f"config field 'rope_scaling' must be an object or null, got {self.rope_scaling!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.hidden_act != "silu":
-            raise ConfigError(f"hidden_act '{self.hidden_act}' is not supported; Llama uses 'silu'")
         if self.rope_scaling is not None:
             kind = self.rope_type
             if kind not in ROPE_TYPES:
-                raise ConfigError(f"rope_scaling type '{kind}' is not supported; expected one of {ROPE_TYPES}")
+                raise ConfigError(f"rope_scaling type '{kind}' is not supported; expected one of "
+                                  f"{', '.join(ROPE_TYPES)}")
             factor = self.rope_scaling.get("factor")
             if kind != "default" and (isinstance(factor, bool) or not isinstance(factor, (int, float))
                                       or not 0 < factor < float("inf")):

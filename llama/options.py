@@ -7,13 +7,15 @@ its default, its help and its checks:
         lr: float = option(3e-3, "peak learning rate", gt=0)
 
 The command line builds its flags from these fields (`moekit.args`); `check_options(obj)` validates an
-instance from the same declarations (type, finite numbers, range, choices), so the Python API and the command
-line refuse the same values with the same one-line error, naming the flag.
+instance from the same declarations (type, finite numbers, range, the choices of a `Literal[...]`), so the Python
+API and the command line refuse the same values with the same one-line error, naming the flag. Configs declare
+their fields the same way and `check_config_fields` checks them, naming the config field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -29,7 +31,8 @@ MAX_SEED = 2**63 - 1
 def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, **meta) -> Any:
     """A dataclass field with its command-line declaration in the metadata.
 
-    meta: metavar, choices, flag (e.g. "--atol"; default --name-with-dashes; a bool defaulting to True becomes
+    The annotation gives the type; `Literal[...]` gives the choices (the command line's `choices=`, the check and
+    its error). meta: metavar, flag (e.g. "--atol"; default --name-with-dashes; a bool defaulting to True becomes
     --no-name), parse (a function str -> value for the command line), default_text (shown instead of the
     default), min / max (inclusive) and gt / lt (exclusive) bounds, allow_inf, cli=False (Python API only)."""
     return field(default=default, default_factory=default_factory, metadata={"help": help, **meta})
@@ -42,9 +45,20 @@ def flag_name(f: dataclasses.Field) -> str:
     return f"--no-{name}" if f.default is True else f"--{name}"
 
 
+def choices_of(annotation: Any) -> tuple | None:
+    """The values a `Literal[...]` annotation allows (also inside `| None` and `list[...]`), or None."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    for arg in typing.get_args(annotation):
+        if (choices := choices_of(arg)) is not None:
+            return choices
+    return None
+
+
 def field_kind(annotation: Any) -> tuple[type | None, bool, bool]:
     """(scalar type, optional, list) of a field annotation: `int | None` -> (int, True, False),
-    `list[str]` -> (str, False, True); mixed unions -> (None, optional, False): checked by the class itself."""
+    `list[str]` -> (str, False, True), `Literal["a", "b"]` -> (str, False, False); mixed unions ->
+    (None, optional, False): checked by the class itself."""
     optional = False
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -53,14 +67,18 @@ def field_kind(annotation: Any) -> tuple[type | None, bool, bool]:
             return None, optional, False
         annotation = args[0]
     if typing.get_origin(annotation) in (list, tuple):
-        return typing.get_args(annotation)[0], optional, True
+        return field_kind(typing.get_args(annotation)[0])[0], optional, True
+    if (choices := choices_of(annotation)) is not None:
+        return type(choices[0]), optional, False
     return (annotation if isinstance(annotation, type) else None), optional, False
 
 
-def declared_fields(cls) -> list[tuple[dataclasses.Field, type | None, bool, bool]]:
-    """(field, scalar type, optional, list) for every field declared with `option`."""
+@functools.cache
+def declared_fields(cls) -> list[tuple[dataclasses.Field, type | None, bool, bool, tuple | None]]:
+    """(field, scalar type, optional, list, choices) for every field declared with `option`."""
     hints = typing.get_type_hints(cls)
-    return [(f, *field_kind(hints[f.name])) for f in dataclasses.fields(cls) if "help" in f.metadata]
+    return [(f, *field_kind(hints[f.name]), choices_of(hints[f.name])) for f in dataclasses.fields(cls)
+            if "help" in f.metadata]
 
 
 def default_of(f: dataclasses.Field) -> Any:
@@ -68,8 +86,9 @@ def default_of(f: dataclasses.Field) -> Any:
 
 
 def check_options(obj) -> None:
-    """Check every declared field of `obj` against its declaration; ConfigError (one line) on the first bad one."""
-    for f, kind, optional, many in declared_fields(type(obj)):
+    """Check every declared field of `obj` against its declaration; ConfigError (one line, naming the flag) on the
+    first bad one."""
+    for f, kind, optional, many, choices in declared_fields(type(obj)):
         value, name = getattr(obj, f.name), flag_name(f).replace("--no-", "--")
         if f.metadata.get("positional"):
             name = f.metadata.get("metavar", f.name.upper())  # as the usage line shows it
@@ -83,39 +102,80 @@ def check_options(obj) -> None:
             if not isinstance(value, (list, tuple)) or not value:
                 raise ConfigError(f"{name} must be a non-empty list, got {value!r}")
             for v in value:
-                _check_value(name, v, kind, f.metadata)
+                _check_value(name, v, kind, f.metadata, choices)
         else:
-            _check_value(name, value, kind, f.metadata)
+            _check_value(name, value, kind, f.metadata, choices)
 
 
-def _check_value(name: str, v: Any, kind: type, meta: dict) -> None:
-    if kind is bool:
-        if not isinstance(v, bool):
-            raise ConfigError(f"{name} must be true or false, got {v!r}")
-        return
-    if kind is int and (not isinstance(v, int) or isinstance(v, bool)):
-        raise ConfigError(f"{name} must be an integer, got {v!r}")
-    if kind is float:
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise ConfigError(f"{name} must be a number, got {v!r}")
-        if not math.isfinite(v) and not (meta.get("allow_inf") and v == math.inf):
-            raise ConfigError(f"{name} must be a finite number, got {v}")
-    if kind is str and not isinstance(v, str):
-        raise ConfigError(f"{name} must be a string, got {v!r}")
-    choices = meta.get("choices")
-    if choices is not None and v not in choices:
-        raise ConfigError(f"{name} '{v}' is not one of {', '.join(map(str, choices))}")
+def _is(v: Any, kind: type) -> bool:
+    """v is a value of `kind` (a bool is not a number; an int is a float)."""
+    if kind is bool or isinstance(v, bool):
+        return kind is bool and isinstance(v, bool)
+    return isinstance(v, (int, float)) if kind is float else isinstance(v, kind)
+
+
+def _in_range(v: Any, meta: dict) -> bool:
+    if isinstance(v, float) and not math.isfinite(v) and not (meta.get("allow_inf") and v == math.inf):
+        return False
+    return not (("min" in meta and v < meta["min"]) or ("gt" in meta and v <= meta["gt"])
+                or ("max" in meta and v > meta["max"]) or ("lt" in meta and v >= meta["lt"]))
+
+
+def _bounds(meta: dict) -> str:
+    """'>= 1', '< 1' or 'in (0, 1]' from the declared bounds."""
     g = lambda x: f"{x:g}" if isinstance(x, float) else str(x)  # noqa: E731
     lo, hi = meta.get("min", meta.get("gt")), meta.get("max", meta.get("lt"))
-    lo_open, hi_open = "gt" in meta, "lt" in meta
-    if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi)):
-        if lo is not None and hi is not None:
-            want = f"in {'(' if lo_open else '['}{g(lo)}, {g(hi)}{')' if hi_open else ']'}"
-        elif lo is not None:
-            want = f"{'>' if lo_open else '>='} {g(lo)}"
-        else:
-            want = f"{'<' if hi_open else '<='} {g(hi)}"
-        raise ConfigError(f"{name} must be {want}, got {g(v)}")
+    if lo is not None and hi is not None:
+        return f"in {'(' if 'gt' in meta else '['}{g(lo)}, {g(hi)}{')' if 'lt' in meta else ']'}"
+    if lo is not None:
+        return f"{'>' if 'gt' in meta else '>='} {g(lo)}"
+    return f"{'<' if 'lt' in meta else '<='} {g(hi)}"
+
+
+def _check_value(name: str, v: Any, kind: type, meta: dict, choices: tuple | None) -> None:
+    if not _is(v, kind):
+        word = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, kind.__name__)
+        raise ConfigError(f"{name} must be {word}, got {v!r}")
+    if kind is float and not math.isfinite(v) and not (meta.get("allow_inf") and v == math.inf):
+        raise ConfigError(f"{name} must be a finite number, got {v}")
+    if choices is not None and v not in choices:
+        raise ConfigError(f"{name} '{v}' is not one of {', '.join(map(str, choices))}")
+    if not _in_range(v, meta):
+        raise ConfigError(f"{name} must be {_bounds(meta)}, got {f'{v:g}' if isinstance(v, float) else v}")
+
+
+def check_config_fields(obj) -> None:
+    """Check every declared field of a config (read from config.json: any JSON value may arrive) against its
+    declaration; ConfigError naming the field and what it must be, e.g. "config field 'hidden_size' must be a
+    positive integer, got 0", or "hidden_act 'gelu' is not supported; expected one of silu"."""
+    for f, kind, optional, many, choices in declared_fields(type(obj)):
+        value = getattr(obj, f.name)
+        if (value is None and optional) or kind is None:
+            continue
+        values = value if many and isinstance(value, list) else [value]
+        if (many and not isinstance(value, list)) or not all(_is(v, kind) and _in_range(v, f.metadata)
+                                                              for v in values):
+            want = _config_word(kind, f.metadata)
+            want = f"a list of {want.removeprefix('a ').removeprefix('an ')}s" if many else want
+            raise ConfigError(f"config field '{f.name}' must be {want}{' or null' if optional else ''}, got "
+                              f"{value!r}")
+        if choices is not None and (bad := next((v for v in values if v not in choices), None)) is not None:
+            raise ConfigError(f"{f.name} '{bad}' is not supported; expected one of {', '.join(map(str, choices))}")
+
+
+def _config_word(kind: type, meta: dict) -> str:
+    """What a config field of `kind` must be, in words."""
+    if kind is bool:
+        return "true or false"
+    if kind is dict:
+        return "an object"
+    if kind is int:
+        return {1: "a positive integer", 0: "a non-negative integer"}.get(meta.get("min"), "an integer")
+    if kind is float:
+        if meta.get("gt") == 0 and len(meta.keys() & {"min", "max", "lt"}) == 0:
+            return "a positive finite number"
+        return f"a number {_bounds(meta)}" if meta.keys() & {"min", "gt", "max", "lt"} else "a finite number"
+    return "a string" if kind is str else f"a {kind.__name__}"
 
 
 _SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12, "P": 1e15}

@@ -7,13 +7,14 @@ Which layers are MoE: every layer by default; `decoder_sparse_step` n keeps only
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
 
 from moekit.llama.config import LLAMA_PRESETS, LlamaConfig
 from moekit.llama.errors import ConfigError
+from moekit.llama.options import option
 
-ROUTER_SCORES = ("softmax", "sigmoid")
+MoEModelType = Literal["moe", "mixtral", "qwen2_moe"]  # moekit's own, and the HF formats it reads and writes
 
 # Defaults transformers applies to fields a hand-written config.json may leave out (real ones list them all).
 _HF_DEFAULTS = {
@@ -29,26 +30,33 @@ _HF_ROPE_THETA = {"mixtral": 1e6, "qwen2_moe": 10000.0}
 
 @dataclass
 class MoEConfig(LlamaConfig):
-    num_local_experts: int = 8  # E (Qwen2-MoE's config.json calls it num_experts)
-    num_experts_per_tok: int = 2  # k
-    moe_intermediate_size: int | None = None  # F of one expert; None: = intermediate_size
-    num_shared_experts: int = 0  # experts every token goes through, fused into one MLP
-    shared_expert_intermediate_size: int = 0  # width of that MLP; 0 with shared experts: = n * F
-    shared_expert_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(x @ w), w [1, H]
-    router_score: str = "softmax"  # softmax (Mixtral, Qwen) | sigmoid (DeepSeek-V3)
-    norm_topk_prob: bool = True  # renormalise the k weights to sum to 1 (Mixtral: always)
-    router_jitter_noise: float = 0.0  # multiplicative noise on the router input, training only
-    capacity_factor: float | None = None  # None: dropless; else each expert takes ceil(cf * T * k / E) copies
-    router_aux_loss_coef: float = 0.001  # load-balancing loss weight (Switch / Mixtral)
-    router_z_loss_coef: float = 0.0  # router z-loss weight (ST-MoE)
-    router_bias_update_rate: float = 0.0  # auxiliary-loss-free balancing step (DeepSeek-V3); 0 = off
-    decoder_sparse_step: int = 1
-    mlp_only_layers: list[int] = field(default_factory=list)
-    first_k_dense_replace: int = 0
-    qkv_bias: bool | None = None  # biases on q/k/v only (Qwen2); None: = attention_bias
-    model_type: str = "moe"
+    """LlamaConfig's fields and the routed-expert fields, each declared with its type and range."""
 
-    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("moe", "mixtral", "qwen2_moe")
+    num_local_experts: int = option(8, "E: routed experts per MoE layer (Qwen2-MoE's config.json: num_experts)",
+                                    min=1)
+    num_experts_per_tok: int = option(2, "k: experts per token", min=1)
+    moe_intermediate_size: int | None = option(None, "F of one expert; None: = intermediate_size", min=1)
+    num_shared_experts: int = option(0, "experts every token goes through, fused into one MLP", min=0)
+    shared_expert_intermediate_size: int = option(0, "width of that MLP; 0 with shared experts: = n * F", min=0)
+    shared_expert_gate: bool = option(False, "Qwen2-MoE: shared output scaled by sigmoid(x @ w), w [1, H]")
+    router_score: Literal["softmax", "sigmoid"] = option("softmax", "softmax (Mixtral, Qwen) | sigmoid "
+                                                         "(DeepSeek-V3)")
+    norm_topk_prob: bool = option(True, "renormalise the k weights to sum to 1 (Mixtral: always)")
+    router_jitter_noise: float = option(0.0, "multiplicative noise on the router input, training only", min=0,
+                                        lt=1)
+    capacity_factor: float | None = option(None, "None: dropless; else each expert takes ceil(cf * T * k / E) "
+                                           "copies", gt=0)
+    router_aux_loss_coef: float = option(0.001, "load-balancing loss weight (Switch / Mixtral)", min=0)
+    router_z_loss_coef: float = option(0.0, "router z-loss weight (ST-MoE)", min=0)
+    router_bias_update_rate: float = option(0.0, "auxiliary-loss-free balancing step (DeepSeek-V3); 0 = off",
+                                            min=0)
+    decoder_sparse_step: int = option(1, "every n-th layer is MoE", min=1)
+    mlp_only_layers: list[int] = option(default_factory=list, help="dense layers (indices in [0, L))")
+    first_k_dense_replace: int = option(0, "the first k layers are dense", min=0)
+    qkv_bias: bool | None = option(None, "biases on q/k/v only (Qwen2); None: = attention_bias")
+    model_type: MoEModelType = option("moe", "moekit's own, or the HF format it was read from")
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = get_args(MoEModelType)
 
     def __post_init__(self):
         if self.moe_intermediate_size is None:
@@ -61,44 +69,17 @@ class MoEConfig(LlamaConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        super().validate()
+        super().validate()  # every declared field, the MoE fields too
         E, k, L = self.num_local_experts, self.num_experts_per_tok, self.num_hidden_layers
-        for name in ("num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"config field '{name}' must be a positive integer, got {v!r}")
         if k > E:
             raise ConfigError(f"num_experts_per_tok ({k}) must be at most num_local_experts ({E})")
-        for name in ("num_shared_experts", "shared_expert_intermediate_size", "first_k_dense_replace"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"config field '{name}' must be a non-negative integer, got {v!r}")
         if self.shared_expert_gate and not self.shared_expert_intermediate_size:
             raise ConfigError("shared_expert_gate is set but there is no shared expert "
                               "(num_shared_experts and shared_expert_intermediate_size are 0)")
-        for name in ("shared_expert_gate", "norm_topk_prob"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"config field '{name}' must be true or false, got {getattr(self, name)!r}")
-        if self.router_score not in ROUTER_SCORES:
-            raise ConfigError(f"router_score '{self.router_score}' is not supported; expected one of {ROUTER_SCORES}")
-        cf = self.capacity_factor
-        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not cf > 0):
-            raise ConfigError(f"capacity_factor must be None (dropless) or a number > 0, got {cf!r}")
-        for name in ("router_jitter_noise", "router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-                raise ConfigError(f"config field '{name}' must be a number >= 0, got {v!r}")
-        if self.router_jitter_noise >= 1:
-            raise ConfigError(f"router_jitter_noise must be below 1, got {self.router_jitter_noise}")
-        if not isinstance(self.mlp_only_layers, list):
-            raise ConfigError(f"mlp_only_layers must be a list of layer indices, got {self.mlp_only_layers!r}")
-        for i in self.mlp_only_layers:
-            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < L:
-                raise ConfigError(f"mlp_only_layers entry {i!r} is not a layer index in [0, {L})")
+        if (i := next((i for i in self.mlp_only_layers if not 0 <= i < L), None)) is not None:
+            raise ConfigError(f"mlp_only_layers entry {i} is not a layer index in [0, {L})")
         if self.first_k_dense_replace > L:
             raise ConfigError(f"first_k_dense_replace ({self.first_k_dense_replace}) exceeds num_hidden_layers ({L})")
-        if self.qkv_bias is not None and not isinstance(self.qkv_bias, bool):
-            raise ConfigError(f"qkv_bias must be true, false or null, got {self.qkv_bias!r}")
 
     # ---- layout -------------------------------------------------------------------------------
     def is_moe_layer(self, i: int) -> bool:

@@ -1,5 +1,5 @@
-"""Command-line flags built from options dataclasses (see `llama.options`): one flag per declared field, with
-the field's type, default, choices and help, so an option is declared in exactly one place."""
+"""Command-line flags built from options dataclasses (see `moekit.llama.options`): one flag per declared field,
+with the field's type, default, choices (its `Literal[...]`) and help, so an option is declared in exactly one place."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def help_text(f, default: Any) -> str:
 
 def add_options(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
     """A flag (or positional) for every field of `cls` declared with `llama.options.option`."""
-    for f, kind, _optional, many in declared_fields(cls):
+    for f, kind, _optional, many, choices in declared_fields(cls):
         meta, default = f.metadata, default_of(f)
         if meta.get("cli", True) is False:
             continue
@@ -48,9 +48,10 @@ def add_options(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser
             kw["action"] = "store_false" if default is True else "store_true"
         else:
             kw["type"] = meta.get("parse") or kind or str
-            for key in ("metavar", "choices"):
-                if key in meta:
-                    kw[key] = meta[key]
+            if "metavar" in meta:
+                kw["metavar"] = meta["metavar"]
+            if choices is not None:
+                kw["choices"] = choices
             if many:
                 kw["nargs"] = "+"
             if meta.get("required"):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up: .venv with CPU torch (unless CUDA is present) and moekit installed editable with its dev and
-# plot extras (pytest, transformers, ruff; matplotlib for `moekit plot`).
+# Idempotent set-up: .venv with CPU torch (unless CUDA is present) and moekit installed editable with its dev extra
+# (pytest, transformers, ruff, triton, matplotlib for `moekit plot`, datasets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -17,7 +17,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
         pip torch==2.13.0 || pip torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
     fi
 fi
-pip -e ".[dev,plot]"
+pip -e ".[dev]"
 rm -f .venv/.moekit-*
 touch "$stamp"
 echo "moekit set up in .venv"

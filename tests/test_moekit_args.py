@@ -1,6 +1,7 @@
 """moekit.args: flags built from a dataclass's declarations parse back into the same dataclass."""
 
 from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 
@@ -16,7 +17,7 @@ class Options:
     steps: int = option(10, "steps", metavar="N", min=1)
     rate: float | None = option(None, "a rate", parse=parse_number, gt=0)
     tokens: list[int] = option(default_factory=lambda: [4, 8], help="token counts", metavar="T", min=1)
-    mode: str = option("a", "mode", choices=("a", "b"))
+    mode: Literal["a", "b"] = option("a", "mode")
     force: bool = option(False, "overwrite")
     verify: bool = option(True, "skip the check")
     atol: float = option(1e-4, "tolerance", flag="--tol")

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from moekit.llama.errors import ConfigError
 from moekit.llama.options import MAX_SEED, check_options, option, parse_size
 
-RECIPES = ("copy", "noise", "drop", "granular")
-ROUTER_INITS = ("normal", "random", "zeros", "cheap-embed", "hidden")  # random: mergekit's name for normal
-PROMPT_INITS = ("cheap-embed", "hidden")
-WEIGHT_SCALINGS = ("down", "cube-root", "none")
-FORMAT_CHOICES = ("auto", "mixtral", "qwen2_moe")
-DTYPE_CHOICES = ("fp32", "bf16", "fp16")
+Recipe = Literal["copy", "noise", "drop", "granular"]
+RouterInit = Literal["normal", "random", "zeros", "cheap-embed", "hidden"]  # random: mergekit's name for normal
+WeightScaling = Literal["down", "cube-root", "none"]
+RECIPES = get_args(Recipe)
+PROMPT_INITS = ("cheap-embed", "hidden")  # the router inits that read prompts
 
 
 @dataclass
@@ -34,12 +34,12 @@ class UpcycleOptions:
 
     Upcycle a dense Hugging Face Llama checkpoint directory into a Mixtral or Qwen2-MoE checkpoint directory,
     streaming tensor by tensor (memory stays near one tensor), then check the MoE computes the dense function (copy,
-    granular, shared experts). With --donors (or a mergekit-moe recipe, --config FILE DST), expert e is donor e's FFN,
-    routers may be set from prompts, and each expert is checked against its donor."""
+    granular, shared experts). With --donors (or a mergekit-moe recipe, --config FILE DST), each expert is one donor's
+    FFN, routers may be set from prompts, and each expert is checked against its donor."""
 
     donors: list[str] | None = option(None, "dense checkpoints (fine-tunes of one base) whose FFNs become the "
-                                      "experts, in order: expert e of every MoE layer is donor e's FFN (give DST "
-                                      "before this flag)", metavar="DIR")
+                                      "experts, in order: with E experts and D donors, expert j of every MoE layer "
+                                      "is donor j // (E/D)'s FFN (give DST before this flag)", metavar="DIR")
     base: str | None = option(None, "with --donors: the checkpoint giving attention, norms, embeddings, LM head and "
                               "tokenizer", metavar="DIR", default_text="the first donor")
     shared_donor: str | None = option(None, "with --donors: a checkpoint whose whole FFN becomes a shared expert "
@@ -49,18 +49,18 @@ class UpcycleOptions:
     num_experts: int | None = option(None, "experts E per MoE layer (copies of each routed shard, or of each donor)",
                                      metavar="E", min=1, default_text="8, or one per donor")
     top_k: int = option(2, "experts per token k", metavar="K", min=1)
-    recipe: str = option("copy", "copy (Komatsuzaki et al. 2022) | noise | drop (Nakamura et al. 2025) | granular "
-                         "(He et al. 2024)", choices=RECIPES)
+    recipe: Recipe = option("copy", "copy (Komatsuzaki et al. 2022) | noise | drop (Nakamura et al. 2025) | "
+                            "granular (He et al. 2024)")
     moe_layers: str | list[int] = option("all", "all | every-other | a list like 0,2,5", metavar="LAYERS", parse=str)
     shared_experts: int = option(0, "dense shards s fused into a shared expert (qwen2_moe format)", metavar="S",
                                  min=0)
     granularity: int | None = option(None, "granular: shards G of the dense FFN; E*G experts, top-k*G",
                                      metavar="G", default_text="2")
-    weight_scaling: str = option("down", "granular: down (down_proj x R, exact) | cube-root (He et al.) | none",
-                                 choices=WEIGHT_SCALINGS)
-    router_init: str = option("normal", "router init: normal (or random) N(0, std^2), one row per virtual group | "
+    weight_scaling: WeightScaling = option("down", "granular: down (down_proj x R, exact) | cube-root (He et al.) | "
+                                           "none")
+    router_init: RouterInit = option("normal", "router init: normal (or random) N(0, std^2), one row per virtual group | "
                               "zeros | cheap-embed (prompts' mean token embedding) | hidden (prompts' mean hidden "
-                              "state entering each layer's FFN, from the base)", choices=ROUTER_INITS)
+                              "state entering each layer's FFN, from the base)")
     router_std: float = option(0.02, "router init std", metavar="STD", gt=0)
     positive_prompts: list[str] | None = option(None, "cheap-embed, hidden: prompts expert I should get, as I:TEXT "
                                                 "(I the donor's position in --donors, or 'shared')", metavar="I:TEXT")
@@ -71,10 +71,10 @@ class UpcycleOptions:
     noise_scale: float = option(0.01, "noise: noise std relative to each weight's std", metavar="ALPHA", min=0)
     drop_ratio: float = option(0.5, "drop: fraction of neurons re-initialised per expert", metavar="R", min=0, max=1)
     seed: int = option(0, "random seed for router, noise, drop and verify tokens", metavar="N", min=0, max=MAX_SEED)
-    dtype: str | None = option(None, "output dtype", choices=DTYPE_CHOICES, default_text="the source's")
+    dtype: Literal["fp32", "bf16", "fp16"] | None = option(None, "output dtype", default_text="the source's")
     max_shard_size: int | str = option("5GB", "largest safetensors shard", metavar="SIZE", parse=str)
-    format: str = option("auto", "auto: mixtral when it can express the layout, else qwen2_moe",
-                         choices=FORMAT_CHOICES)
+    format: Literal["auto", "mixtral", "qwen2_moe"] = option("auto", "auto: mixtral when it can express the layout, "
+                                                             "else qwen2_moe")
     force: bool = option(False, "replace DST if it exists")
     ignore_free_space: bool = option(False, "write even if the file system seems to lack the space the output needs")
     verify: bool = option(True, "skip the logit check against SRC at the end")
@@ -242,8 +242,8 @@ class VerifyOptions:
                                 "expert from its donor's FFN)", metavar="ATOL", min=0,
                                 default_text="1e-4; MOE alone 1e-5")
     seed: int = option(0, "seed of the random tokens", metavar="N", min=0, max=MAX_SEED)
-    dense_dtype: str | None = option(None, "round DENSE's weights to this dtype first (for an MoE written with "
-                                     "upcycle --dtype)", choices=("bf16", "fp16"))
+    dense_dtype: Literal["bf16", "fp16"] | None = option(None, "round DENSE's weights to this dtype first (for an "
+                                                         "MoE written with upcycle --dtype)")
 
     def __post_init__(self):
         check_options(self)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 from moekit.llama.errors import ConfigError
 from moekit.llama.options import check_options, option, parse_number
@@ -64,7 +65,7 @@ class Plan:
     active per token, by component) come from a preset, a config.json, a checkpoint directory (safetensors headers
     only) or a bare count such as 7B; the FLOPs, memory, training time and cost they imply follow from this plan."""
 
-    dtype: str = option("bf16", "weight / KV / gradient precision", choices=tuple(DTYPE_BYTES))
+    dtype: Literal[tuple(DTYPE_BYTES)] = option("bf16", "weight / KV / gradient precision")
     seq_len: int = option(2048, "context for attention FLOPs and the KV cache", metavar="S", min=1)
     batch: int = option(1, "sequences in the KV cache", metavar="B", min=1)
     tokens: float | None = option(None, "training tokens (e.g. 300B): training FLOPs = 3 x forward x tokens",
@@ -72,8 +73,7 @@ class Plan:
     train_flops: float | None = option(None, "training FLOPs, given (e.g. 3.14e23)", metavar="FLOPS",
                                        parse=parse_number, gt=0)
     gpus: int = option(1, "GPUs, for memory per GPU and training time", metavar="N", min=1)
-    zero: int = option(0, "ZeRO stage: 1 shards optimizer states, 2 + gradients, 3 (FSDP) + weights",
-                       choices=(0, 1, 2, 3))
+    zero: Literal[0, 1, 2, 3] = option(0, "ZeRO stage: 1 shards optimizer states, 2 + gradients, 3 (FSDP) + weights")
     shard_degree: int | None = option(None, "GPUs the states are sharded over", metavar="N", min=1,
                                       default_text="--gpus")
     peak_flops: float | None = option(None, "peak FLOP/s per GPU (e.g. 989e12)", metavar="FLOPS",

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from moekit.llama.errors import ConfigError
 from moekit.llama.options import MAX_SEED, check_options, option
 
-CONTENDERS = ("moekit", "hf-eager", "hf-grouped_mm", "megablocks", "dense-equivalent")
+LayerContender = Literal["moekit", "hf-eager", "hf-grouped_mm", "megablocks", "dense-equivalent"]
+CONTENDERS = get_args(LayerContender)
 LAYER_PRESETS = {  # option values a preset sets (options given as well override them)
     "mixtral": dict(hidden=4096, ffn=14336, experts=8, top_k=2, dtype="bf16", tokens=[4096, 16384, 65536]),
 }
-DTYPES = ("fp32", "bf16", "fp16")
+Dtype = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -23,22 +25,23 @@ class LayerBenchOptions:
     when installed) and a dense SwiGLU of width k*F (the same active FLOPs). One table per --tokens value. On a GPU:
     moekit bench layer --preset mixtral --device cuda --json PATH."""
 
-    preset: str | None = option(None, "mixtral: Mixtral-8x7B's experts, H=4096 F=14336 E=8 k=2, bf16, 4096 16384 "
-                                "65536 tokens (options given as well override it)", choices=tuple(LAYER_PRESETS))
+    preset: Literal[tuple(LAYER_PRESETS)] | None = option(
+        None, "mixtral: Mixtral-8x7B's experts, H=4096 F=14336 E=8 k=2, bf16, 4096 16384 65536 tokens (options given "
+        "as well override it)")
     hidden: int | None = option(None, "H", metavar="H", min=1, default_text="1024")
     ffn: int | None = option(None, "expert width F", metavar="F", min=1, default_text="2816")
     experts: int | None = option(None, "E", metavar="E", min=1, default_text="8")
     top_k: int | None = option(None, "k", metavar="K", min=1, default_text="2")
     tokens: list[int] | None = option(None, "token counts, one table each", metavar="T", min=1, default_text="4096")
-    dtype: str | None = option(None, "precision", choices=DTYPES, default_text="fp32 on CPU, bf16 on CUDA")
+    dtype: Dtype | None = option(None, "precision", default_text="fp32 on CPU, bf16 on CUDA")
     device: str = option("auto", "auto (cuda if torch sees a GPU, else cpu), cpu, cuda, cuda:N")
     repeats: int | None = option(None, "timed runs of each contender, round robin", metavar="N", min=1,
                                  default_text="5 on CPU, 10 on CUDA")
     warmup: int | None = option(None, "untimed runs first", metavar="N", min=0, default_text="1 on CPU, 2 on CUDA")
     threads: int | None = option(None, "torch threads", metavar="N", min=1, default_text="torch's")
-    only: list[str] | None = option(None, f"time only these contenders, of {', '.join(CONTENDERS)}", metavar="NAME",
-                                    choices=CONTENDERS, default_text="all but megablocks on CPU; moekit, "
-                                    "hf-grouped_mm, megablocks if installed and dense-equivalent on CUDA")
+    only: list[LayerContender] | None = option(None, f"time only these contenders, of {', '.join(CONTENDERS)}",
+                                               metavar="NAME", default_text="all but megablocks on CPU; moekit, "
+                                               "hf-grouped_mm, megablocks if installed and dense-equivalent on CUDA")
     json: str | None = option(None, "write the results as JSON to this path", metavar="PATH")
 
     def __post_init__(self):
@@ -65,12 +68,12 @@ class GemmBenchOptions:
     ffn: int = option(14336, "expert width F", metavar="F", min=1)
     experts: int = option(8, "E", metavar="E", min=1)
     top_k: int = option(2, "k", metavar="K", min=1)
-    dtype: str | None = option(None, "precision", choices=DTYPES, default_text="bf16 on CUDA, fp32 on CPU")
+    dtype: Dtype | None = option(None, "precision", default_text="bf16 on CUDA, fp32 on CPU")
     device: str | None = option(None, "cpu or cuda", default_text="cuda if available")
-    sections: list[str] = option(default_factory=lambda: ["gemm", "experts"], help="what to time",
-                                 choices=("gemm", "experts"))
-    passes: list[str] = option(default_factory=lambda: ["fwd", "fwd+bwd"], help="passes to time",
-                               choices=("fwd", "fwd+bwd"))
+    sections: list[Literal["gemm", "experts"]] = option(default_factory=lambda: ["gemm", "experts"],
+                                                        help="what to time")
+    passes: list[Literal["fwd", "fwd+bwd"]] = option(default_factory=lambda: ["fwd", "fwd+bwd"],
+                                                     help="passes to time")
     decode: bool = option(False, "also time the small-token path (CUDA)")
     decode_tokens: list[int] = option(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], help="token counts of "
                                       "--decode", metavar="T", min=1)
@@ -85,8 +88,8 @@ class GemmBenchOptions:
             raise ConfigError(f"--top-k {self.top_k} is greater than --experts {self.experts}")
 
 
-TRAIN_CONTENDERS = ("moekit", "hf-grouped_mm", "hf-eager", "hf-batched_mm")
-ADAMW = ("fused", "foreach", "loop")
+TrainContender = Literal["moekit", "hf-grouped_mm", "hf-eager", "hf-batched_mm"]
+TRAIN_CONTENDERS = get_args(TrainContender)
 TRAIN_DEFAULTS = dict(layers=4, hidden=512, ffn=1408, experts=8, top_k=2, heads=8, kv_heads=2, vocab=8192, batch=8,
                       seq_len=256, dtype="fp32")
 TRAIN_PRESETS = {  # ~1B active (1.05B matmul weights per token; 3.6B in all), as a GPU measures it
@@ -105,9 +108,9 @@ class TrainBenchOptions:
     precision, round robin; then a torch.profiler breakdown of one step of each: the share in matrix
     multiplications and the time outside them. On a GPU: moekit bench train --preset 1b --json PATH."""
 
-    preset: str | None = option(None, "1b: about 1B active parameters (12 layers, H=2048, F=5632, 8 experts top-2, "
-                                "16 heads / 8 KV, vocabulary 32000, batch 8 x 2048, bf16); options given as well "
-                                "override it", choices=tuple(TRAIN_PRESETS))
+    preset: Literal[tuple(TRAIN_PRESETS)] | None = option(
+        None, "1b: about 1B active parameters (12 layers, H=2048, F=5632, 8 experts top-2, 16 heads / 8 KV, "
+        "vocabulary 32000, batch 8 x 2048, bf16); options given as well override it")
     layers: int | None = option(None, "decoder layers (all MoE)", metavar="L", min=1, default_text="4")
     hidden: int | None = option(None, "H", metavar="H", min=1, default_text="512")
     ffn: int | None = option(None, "expert width F", metavar="F", min=1, default_text="1408")
@@ -118,19 +121,19 @@ class TrainBenchOptions:
     vocab: int | None = option(None, "vocabulary size", metavar="V", min=2, default_text="8192")
     batch: int | None = option(None, "sequences per step", metavar="B", min=1, default_text="8")
     seq_len: int | None = option(None, "tokens per sequence", metavar="S", min=2, default_text="256")
-    dtype: str | None = option(None, "parameters, activations and AdamW states", choices=DTYPES[:2],
-                               default_text="fp32")
+    dtype: Literal["fp32", "bf16"] | None = option(None, "parameters, activations and AdamW states",
+                                                   default_text="fp32")
     device: str = option("auto", "auto (cuda if torch sees a GPU, else cpu), cpu, cuda, cuda:N")
     repeats: int | None = option(None, "timed steps of each contender, round robin", metavar="N", min=1,
                                  default_text="5 on CPU, 10 on CUDA")
     warmup: int | None = option(None, "untimed steps first", metavar="N", min=0, default_text="1 on CPU, 2 on CUDA")
     threads: int | None = option(None, "torch threads", metavar="N", min=1, default_text="torch's")
-    only: list[str] | None = option(None, f"time only these contenders, of {', '.join(TRAIN_CONTENDERS)} "
-                                    "(hf-batched_mm gathers a weight copy per token copy: small sizes only)",
-                                    metavar="NAME", choices=TRAIN_CONTENDERS,
-                                    default_text="moekit, hf-grouped_mm and (on CPU) hf-eager")
-    adamw: str = option("fused", "AdamW implementation of every contender (moekit's trainer: fused)",
-                        choices=ADAMW)
+    only: list[TrainContender] | None = option(None, f"time only these contenders, of {', '.join(TRAIN_CONTENDERS)} "
+                                               "(hf-batched_mm gathers a weight copy per token copy: small sizes "
+                                               "only)", metavar="NAME",
+                                               default_text="moekit, hf-grouped_mm and (on CPU) hf-eager")
+    adamw: Literal["fused", "foreach", "loop"] = option("fused", "AdamW implementation of every contender (moekit's "
+                                                        "trainer: fused)")
     peak_flops: float | None = option(None, "peak FLOP/s of the device, for MFU", metavar="FLOPS", gt=0,
                                       default_text="known GPUs by name; n/a on CPU")
     profile_steps: int = option(3, "steps of each contender under torch.profiler, for the time in matrix "

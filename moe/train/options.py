@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 from moekit.llama.errors import ConfigError
 from moekit.llama.options import MAX_SEED, check_options, option
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
-SAVE_DTYPES = ("auto", "fp32", "bf16", "fp16")
-TRAINABLE = ("all", "experts")
-BALANCE = ("micro", "global")
-REPORT_TO = ("none", "tensorboard", "trackio", "wandb", "all-installed")
+MixedPrecision = Literal["no", "bf16", "fp16"]
+MIXED_PRECISION = get_args(MixedPrecision)
 # From scratch (a preset): nanoGPT-like values that work for small models. Continuing a pretrained checkpoint:
 # its final learning rate (Llama 1/2 decay a 3e-4 peak to 10%: 3e-5; a moekit checkpoint records its own), a
 # short warm-up for the new router, as sparse upcycling continues at the dense model's final rate.
@@ -57,15 +54,15 @@ class TrainOptions:
     beta1: float = option(0.9, "AdamW beta1", metavar="B1", min=0, lt=1)
     beta2: float = option(0.95, "AdamW beta2", metavar="B2", min=0, lt=1)
     grad_clip: float = option(1.0, "max global grad norm, 0 = off", metavar="NORM", min=0)
-    mixed_precision: str = option("no", "autocast dtype", choices=MIXED_PRECISION)
-    save_dtype: str = option("auto", "dtype of the written weights", choices=SAVE_DTYPES,
+    mixed_precision: MixedPrecision = option("no", "autocast dtype")
+    save_dtype: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "dtype of the written weights",
                              default_text="auto: the source checkpoint's; fp32 for presets")
     seed: int = option(0, "seed for init, data and noise", metavar="N", min=0, max=MAX_SEED)
-    train: str = option("all", "MoE: train all weights, or only the experts and routers", choices=TRAINABLE)
+    train: Literal["all", "experts"] = option("all", "MoE: train all weights, or only the experts and routers")
     router_lr_mult: float = option(1.0, "MoE: the routers' learning rate as a multiple of --lr", metavar="X", gt=0,
                                    max=1000)
-    balance: str = option("micro", "MoE: load-balancing token fractions per micro-batch, or all-reduced over the "
-                          "processes (global)", choices=BALANCE)
+    balance: Literal["micro", "global"] = option("micro", "MoE: load-balancing token fractions per micro-batch, or "
+                                                 "all-reduced over the processes (global)")
     aux_loss_coef: float | None = option(None, "MoE: load-balancing loss weight", metavar="C", min=0, max=100,
                                          default_text="the config's router_aux_loss_coef")
     z_loss_coef: float | None = option(None, "MoE: router z-loss weight", metavar="C", min=0, max=100,
@@ -80,7 +77,8 @@ class TrainOptions:
     keep_last: int = option(2, "training states kept for --resume", metavar="K", min=1)
     peak_flops: float | None = option(None, "peak FLOP/s of one device, for MFU", metavar="FLOPS", gt=0,
                                       default_text="known GPUs by name; n/a on CPU")
-    report_to: str = option("none", "also log metrics to these trackers (only those installed)", choices=REPORT_TO)
+    report_to: Literal["none", "tensorboard", "trackio", "wandb", "all-installed"] = option(
+        "none", "also log metrics to this tracker, or to every one installed")
     resume: bool = option(False, "continue the interrupted run in OUT.partial (its options are read back)")
     force: bool = option(False, "replace OUT (and an interrupted run in OUT.partial) if it exists")
     progress: bool = option(True, "no progress bar")
