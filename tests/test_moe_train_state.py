@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from moekit.moe.train.loop import load_model
+from moekit.moe.train.source import load_model
 
 from helpers import ROOT, moekit, one_line_error
 

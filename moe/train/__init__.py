@@ -7,9 +7,12 @@
     optim      AdamW (routers at their own lr, frozen non-experts) and the warmup + cosine schedule
     metrics    what a log line holds: losses, perplexity, MFU, per-layer expert use; trackers
     state      OUT.partial, the training state, --resume
-    loop       the loop itself: load, train, evaluate, publish OUT
+    source     what is trained: a checkpoint directory or a preset (`load_model`)
+    loop       the loop itself, in phases: set up or resume, step, log, evaluate, save, publish OUT
+    plot       PNG plots of runs (`moekit plot`)
+    sample     completions from a checkpoint with its own tokenizer (`moekit generate`)
 
-It imports `llama` and `moe`. Exports load on first use.
+It imports `moekit.llama`, `moekit.moe` and `moekit.moe.accounting`. Exports load on first use.
 
     from moekit.moe.train import TrainOptions, train
     result = train(TrainOptions(model="tiny-moe", out="runs/x", steps=100))
@@ -21,7 +24,7 @@ _EXPORTS = {
     "MIXED_PRECISION": "options", "TrainOptions": "options",
     "TokenData": "data", "load_tokens": "data", "ByteTokenizer": "tokenizer", "load_tokenizer": "tokenizer",
     "Schedule": "optim", "make_optimizer": "optim", "WorkDir": "state",
-    "TrainResult": "loop", "evaluate": "loop", "load_model": "loop", "train": "loop",
+    "TrainResult": "loop", "evaluate": "loop", "train": "loop", "Source": "source", "load_model": "source",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,11 +1,17 @@
 """The training loop: a dense Llama or an MoE causal LM with accelerate (`moekit train`, `accelerate launch -m
-moekit train`, `torchrun -m moekit train`), read top to bottom like nanoGPT's.
+moekit train`, `torchrun -m moekit train`), read top to bottom like nanoGPT's, in phases like torchtitan's:
 
-Load the model and its tokenizer, tokenise the data once (cached), then per optimizer step: the step's windows
-(the same whatever the number of processes and micro-batches), forward and backward per micro-batch, clip, AdamW,
-the schedule, and for MoE the auxiliary-loss-free router bias from the step's summed expert counts. Host syncs
-happen only on log, evaluation and save steps. A run lives in OUT.partial until it ends (see `state`); a loss
-that turns non-finite stops it with the last good state kept for --resume.
+    train(options)            the accelerator and OUT's lock; release the lock on every way out
+      open_work               --resume: the interrupted run's options and last state; else a new OUT
+      start_run -> Run        model, tokenizer and data (all checked before anything is written), optimizer,
+                              the resumed state, OUT.partial
+      run_steps               per optimizer step: train_step, then log_entry / evaluate / save_state when due
+        train_step            the step's windows (the same whatever the number of processes and micro-batches),
+                              forward_backward per micro-batch, clip, AdamW, the schedule, the MoE router bias
+      finish_run              gather the model, write the complete checkpoint, publish OUT
+
+Host syncs happen only on log, evaluation and save steps. A run lives in OUT.partial until it ends (see `state`);
+a loss that turns non-finite stops it with the last good state kept for --resume.
 """
 
 from __future__ import annotations
@@ -17,17 +23,14 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from moekit.llama.config import LLAMA_PRESETS, LlamaConfig
-from moekit.llama.errors import CheckpointError, ConfigError, MoekitError
-from moekit.llama.io import check_disjoint, config_path, read_config_json, read_json, write_json
-from moekit.llama.model import Llama
-from moekit.moe import formats
-from moekit.moe.config import MOE_PRESETS, MoEConfig
+from moekit.llama.errors import ConfigError, MoekitError
+from moekit.llama.io import check_disjoint, read_config_json, read_json, write_json
 from moekit.moe.model import MoEForCausalLM
 
 from .data import TokenData, load_tokens
@@ -43,10 +46,9 @@ from .metrics import (
 )
 from .optim import Schedule, make_optimizer
 from .options import CONTINUED, SCRATCH, TrainOptions
+from .source import Source, load_model, source_final_lr
 from .state import WorkDir, gathered, save_complete
 from .tokenizer import ByteTokenizer, check_fits, load_tokenizer
-
-MOE_TYPES = ("moe", *formats.FORMATS)  # moekit's own model_type and the checkpoint formats
 
 
 class TrainingDiverged(MoekitError):
@@ -67,57 +69,47 @@ class TrainResult:
 
 
 @dataclass
-class Source:
-    model: nn.Module
-    description: str  # "preset mini" or the checkpoint's path
-    directory: str | None  # the checkpoint directory (None for a preset)
-    config: dict | None  # its config.json
+class Run:
+    """A run between its steps: what it trains on, the prepared model and optimizer, and its metrics so far."""
+
+    options: TrainOptions
+    accelerator: Any
+    work: WorkDir | None
+    source: Source
+    tokenizer: Any
+    data: TokenData
+    schedule: Schedule
+    model: nn.Module  # as accelerate prepared it (wrapped for data parallelism under several processes)
+    raw: nn.Module  # the model itself
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # the LambdaLR of `schedule`
+    flops_per_token: float
+    peak: float | None  # peak FLOP/s of one device, for MFU
+    interval: Interval = field(default_factory=Interval)  # sums since the last log line
+    metrics: list[dict] = field(default_factory=list)
+    start_step: int = 0  # the step a resumed run saved
+    initial_val: float | None = None  # validation loss before the first step
+    last_time: float = 0.0  # when the current logging interval started (tokens/s)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.raw, MoEForCausalLM)
+
+    @property
+    def tokens_per_step(self) -> int:
+        o = self.options
+        return o.batch_size * o.grad_accum * self.accelerator.num_processes * o.seq_len
+
+    def record(self, entry: dict) -> None:
+        """A metrics line: kept, appended to OUT's metrics.jsonl, sent to the trackers."""
+        self.metrics.append(entry)
+        if self.work:
+            self.work.append_metrics(entry)
+        if self.accelerator.log_with:
+            self.accelerator.log(flat_scalars(entry), step=entry["step"])
 
 
-def load_model(source: str, seed: int = 0, tokenizer=None) -> Source:
-    """A checkpoint directory (Llama or MoE by config.json's model_type) or a preset (random init, seeded), in
-    fp32 and train mode. A preset trained with a tokenizer other than bytes takes its vocabulary (rounded up to a
-    multiple of 64) and its BOS / EOS ids."""
-    if os.path.isdir(source):
-        path = config_path(source)
-        config = read_config_json(path)
-        model_type = config.get("model_type")
-        if model_type == "llama":
-            model = Llama.from_pretrained(source)
-        elif model_type in MOE_TYPES:
-            model = MoEForCausalLM.from_pretrained(source)
-        else:
-            raise CheckpointError(f"{path}: model_type {model_type!r} cannot be trained; expected llama, mixtral or "
-                                  "qwen2_moe")
-        return Source(model.float().train(), os.path.abspath(source), os.path.abspath(source), config)
-    torch.manual_seed(seed)
-    fit = {}
-    if tokenizer is not None and not isinstance(tokenizer, ByteTokenizer):
-        fit = dict(vocab_size=-(-tokenizer.num_ids // 64) * 64, bos_token_id=tokenizer.bos_id,
-                   eos_token_id=tokenizer.eos_id)
-    if source.lower() in LLAMA_PRESETS:
-        model = Llama(LlamaConfig.from_name(source, **fit))
-    elif source.lower() in MOE_PRESETS:
-        model = MoEForCausalLM(MoEConfig.from_name(source, **fit))
-    else:
-        raise ConfigError(f"{source}: not a checkpoint directory nor a preset; presets: "
-                          f"{', '.join(sorted(LLAMA_PRESETS) + sorted(MOE_PRESETS))}")
-    return Source(model.float().train(), f"preset {source}", None, None)
-
-
-def source_final_lr(directory: str | None) -> float | None:
-    """The learning rate a moekit run that produced `directory` (or the dense model it was upcycled from) ended at."""
-    for _ in range(2):
-        if directory is None:
-            return None
-        path = os.path.join(directory, "train_config.json")
-        if os.path.isfile(path):
-            schedule = read_json(path, "train_config.json").get("schedule")
-            return schedule.get("final_lr") if isinstance(schedule, dict) else None
-        record = os.path.join(directory, "upcycling.json")
-        directory = read_json(record, "upcycling.json").get("source") if os.path.isfile(record) else None
-    return None
-
+# ---- set-up --------------------------------------------------------------------------------------------------
 
 def make_schedule(options: TrainOptions, source: Source) -> Schedule:
     """The options' schedule; what they leave out depends on whether the model is new or continues a checkpoint."""
@@ -137,10 +129,154 @@ def configure_moe(model: nn.Module, options: TrainOptions) -> None:
             raise ConfigError("--train experts, --balance global and --router-lr-mult apply to MoE models; this "
                               "model is dense")
         return
-    for option, field in (("router_bias_rate", "router_bias_update_rate"), ("aux_loss_coef", "router_aux_loss_coef"),
-                          ("z_loss_coef", "router_z_loss_coef")):
+    for option, name in (("router_bias_rate", "router_bias_update_rate"), ("aux_loss_coef", "router_aux_loss_coef"),
+                         ("z_loss_coef", "router_z_loss_coef")):
         if getattr(options, option) is not None:
-            setattr(model.config, field, getattr(options, option))
+            setattr(model.config, name, getattr(options, option))
+
+
+def open_work(options: TrainOptions, work: WorkDir | None, given: set[str] | None):
+    """(options, the last saved state (step, path) or None): with --resume, the interrupted run's options (those
+    typed now on top) and state; else a check that OUT may be written."""
+    resume_from = None
+    if work and options.resume:
+        work.reopen()
+        options = work.resumed_options(options, given)
+        resume_from = work.last_state()
+    elif work:
+        work.check_new(options.force)
+    if work and os.path.isdir(options.model):
+        check_disjoint(options.model, options.out, "MODEL", "--out")
+    return options, resume_from
+
+
+def load_inputs(options: TrainOptions, accelerator) -> tuple[Source, Any, TokenData, str]:
+    """(the model, its tokenizer, the tokenised data, a description of the data), each checked against the others."""
+    directory = os.path.abspath(options.model) if os.path.isdir(options.model) else None
+    config = read_config_json(directory) if directory else None
+    tokenizer = load_tokenizer(options.tokenizer, directory, config)
+    if tokenizer is None and directory is None:
+        tokenizer = ByteTokenizer()
+    source = load_model(options.model, options.seed, tokenizer)
+    mcfg = source.model.config
+    configure_moe(source.model, options)
+    if options.seq_len + 1 > mcfg.max_position_embeddings:
+        raise ConfigError(f"--seq-len {options.seq_len} needs windows of {options.seq_len + 1} tokens; the model's "
+                          f"max_position_embeddings is {mcfg.max_position_embeddings}")
+    if tokenizer is not None:
+        check_fits(tokenizer, mcfg.vocab_size)
+    main = accelerator.is_main_process
+    with accelerator.main_process_first():  # the main process tokenises and caches; the others read the cache
+        kw = dict(vocab_size=mcfg.vocab_size, text_field=options.text_field, cache_dir=options.token_cache,
+                  progress=options.progress and main, write_cache=main)
+        ids, data_source = load_tokens(options.data, tokenizer, **kw)
+        val_ids = load_tokens(options.val_data, tokenizer, **kw)[0] if options.val_data else None
+    return source, tokenizer, TokenData(ids, options.seq_len, options.seed, options.data, val_ids), data_source
+
+
+def start_run(options: TrainOptions, accelerator, work: WorkDir | None, resume_from) -> Run:
+    """The run, ready for its first (or resumed) step; OUT.partial created (or reopened) and its options written."""
+    from accelerate.utils import set_seed
+
+    source, tokenizer, data, data_source = load_inputs(options, accelerator)
+    schedule = make_schedule(options, source)
+    flops_per_token = train_flops_per_token(source.model, options.seq_len)
+    peak = options.peak_flops or device_peak_flops(accelerator.device, options.mixed_precision)
+    set_seed(options.seed)
+    optimizer, scheduler = make_optimizer(source.model, schedule, options.weight_decay, (options.beta1, options.beta2),
+                                          options.router_lr_mult, options.train)
+    model, optimizer = accelerator.prepare(source.model, optimizer)
+    run = Run(options, accelerator, work, source, tokenizer, data, schedule, model, accelerator.unwrap_model(model),
+              optimizer, scheduler, flops_per_token, peak)
+    if resume_from is not None:
+        restore(run, resume_from[1])
+    if work:
+        if options.resume:  # without a saved state the run starts over: nothing of it is kept
+            run.metrics = work.truncate_metrics(run.start_step if resume_from is not None else -1)
+        else:
+            work.create()
+        accelerator.wait_for_everyone()
+        work.write_options(options, {"source": source.description, "data_source": data_source,
+                                     "tokenizer": tokenizer.name if tokenizer else None,
+                                     "schedule": {**dataclasses.asdict(schedule), "final_lr": schedule.lr_at(
+                                         options.steps - 1)}, "processes": accelerator.num_processes})
+    run.initial_val = next((m["val_loss"] for m in run.metrics if m.get("step") == 0 and "val_loss" in m), None)
+    if accelerator.log_with:
+        accelerator.init_trackers("moekit", config={k: v for k, v in dataclasses.asdict(options).items()
+                                                    if isinstance(v, (int, float, str, bool))})
+    return run
+
+
+def restore(run: Run, path: str) -> None:
+    """The model, optimizer and RNG states, the schedule and the open logging interval saved at `path`."""
+    run.accelerator.load_state(path)
+    with open(os.path.join(path, "progress.json")) as f:
+        progress = json.load(f)
+    run.start_step = progress["step"]
+    run.scheduler.load_state_dict(progress["scheduler"])
+    run.interval.load(progress["interval"], run.accelerator.device)
+
+
+# ---- the step ------------------------------------------------------------------------------------------------
+
+def forward_backward(run: Run, batch: torch.Tensor) -> torch.Tensor | None:
+    """Forward and backward of each micro-batch of `batch` [A*B, S+1] (gradients synchronised on the last one);
+    the losses and routing into the interval. Returns the token copies per expert [L_moe, E] (MoE) or None."""
+    o, acc, model = run.options, run.accelerator, run.model
+    A, counts = o.grad_accum, None
+    for i, ids in enumerate(batch.split(o.batch_size)):  # micro-batches [B, S+1]
+        with acc.no_sync(model) if i < A - 1 else nullcontext():
+            out = model(ids, labels=ids, return_logits=False,  # the loss fused with the LM head
+                        **({"global_balance": True} if o.balance == "global" else {}))
+            acc.backward(out.loss / A)
+        run.interval.add("loss", out.loss / A)
+        if run.is_moe:
+            for name in ("lm_loss", "aux_loss", "z_loss"):
+                run.interval.add(name, getattr(out, name) / A)
+            run.interval.add_routing(out.router_stats, 1 / A)
+            c = out.router_stats.tokens_per_expert
+            counts = c if counts is None else counts + c
+    return counts
+
+
+def train_step(run: Run, step: int) -> float:
+    """One optimizer step; returns the learning rate it used."""
+    o, acc = run.options, run.accelerator
+    batch = run.data.train_batch(step, o.batch_size, o.grad_accum, acc.process_index, acc.num_processes)
+    if acc.device.type == "cuda":  # an asynchronous copy: no wait for the previous step's work
+        batch = batch.pin_memory().to(acc.device, non_blocking=True)
+    else:
+        batch = batch.to(acc.device)
+    counts = forward_backward(run, batch)
+    grad_norm = acc.clip_grad_norm_(run.model.parameters(), o.grad_clip or float("inf"))
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.is_moe and run.raw.config.router_bias_update_rate:
+        run.raw.update_router_bias(acc.reduce(counts, "sum"))  # once per optimizer step
+    run.interval.add("grad_norm", grad_norm.float())
+    run.interval.steps += 1
+    return lr
+
+
+def log_entry(run: Run, step: int, lr: float) -> dict:
+    """The metrics of the interval since the last log line, reduced over the processes (the loop's host sync)."""
+    acc, n = run.accelerator, run.interval.steps
+    values = run.interval.report(lambda v: acc.reduce(v, "mean"), lambda v: acc.reduce(v, "sum"))
+    now = time.perf_counter()  # after the sync in report: the interval's device work is done
+    check_finite(values["loss"], step)
+    tokens_per_s = n * run.tokens_per_step / (now - run.last_time)
+    entry = {"lr": lr, "loss": values["loss"], "ppl": round(perplexity(values.get("lm_loss", values["loss"])), 4),
+             **{k: values[k] for k in ("lm_loss", "aux_loss", "z_loss") if k in values},
+             "grad_norm": values["grad_norm"], "tokens_per_s": round(tokens_per_s, 1),
+             "mfu": mfu(run.flops_per_token, tokens_per_s, run.peak, acc.num_processes)}
+    if torch.cuda.is_available():
+        entry["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+    if run.is_moe:
+        entry.update(routing_entry(values))
+    run.last_time = now
+    return entry
 
 
 @torch.no_grad()
@@ -163,8 +299,82 @@ def check_finite(loss: float, step: int, shown: str | None = None) -> None:
                                "data and the source weights")
 
 
+def save_state(run: Run, step: int) -> None:
+    """Every --save-every steps: a complete checkpoint OUT.partial/step-N and the training state for --resume."""
+    acc, work, o = run.accelerator, run.work, run.options
+    if run.interval.steps:  # every process decides on the same (summed) value, so none waits alone
+        check_finite(acc.reduce(run.interval.sums["loss"], "sum").item(), step, "non-finite")
+    full = gathered(acc, run.model)
+    if acc.is_main_process:
+        directory = os.path.join(work.path, f"step-{step:06d}")
+        shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory)
+        save_complete(full, directory, o.save_dtype, run.source.directory, run.source.config, run.tokenizer)
+    full.train()
+    progress = {"step": step, "scheduler": run.scheduler.state_dict(), "interval": run.interval.state()}
+    work.save_state(acc, step, o.keep_last, progress)
+
+
+# ---- the run -------------------------------------------------------------------------------------------------
+
+def run_steps(run: Run) -> tuple[float, float, float]:
+    """Every step from the resumed one to the last, with its logging, evaluation and saving: (last train loss,
+    last validation loss, seconds)."""
+    from tqdm.auto import tqdm
+
+    o, acc = run.options, run.accelerator
+    start = run.last_time = time.perf_counter()
+    val, train_loss = float("nan"), float("nan")
+    if run.start_step == 0:
+        run.initial_val = val = evaluate(run.model, run.data, o, acc)
+        run.record({"step": 0, "tokens": 0, "val_loss": val, "val_ppl": round(perplexity(val), 4)})
+    bar = tqdm(range(run.start_step + 1, o.steps + 1), desc="train", unit="step", initial=run.start_step,
+               total=o.steps, disable=not (o.progress and acc.is_main_process))
+    for step in bar:
+        lr = train_step(run, step)
+        entry = {}
+        if step % o.log_every == 0 or step == o.steps:
+            entry = log_entry(run, step, lr)
+            train_loss = entry["loss"]
+        if (o.eval_every and step % o.eval_every == 0) or step == o.steps:
+            val = evaluate(run.model, run.data, o, acc)
+            entry.update(val_loss=val, val_ppl=round(perplexity(val), 4))
+            run.last_time = time.perf_counter()  # tokens/s leaves evaluation out
+        if entry:
+            run.record({"step": step, "tokens": step * run.tokens_per_step, **entry})
+            bar.set_postfix_str(f"loss {train_loss:.4f} val {val:.4f} lr {lr:.2e}")
+        if run.work and o.save_every and step % o.save_every == 0 and step < o.steps:
+            save_state(run, step)
+            run.last_time = time.perf_counter()
+    bar.close()
+    return train_loss, val, time.perf_counter() - start
+
+
+def finish_run(run: Run, train_loss: float, val: float, seconds: float) -> TrainResult:
+    """The trained model gathered on every process; OUT written (the complete checkpoint and the run's summary
+    in train_config.json) and published."""
+    o, acc, work = run.options, run.accelerator, run.work
+    acc.wait_for_everyone()
+    model = gathered(acc, run.model)
+    if acc.log_with:
+        acc.end_training()
+    result = TrainResult(model, o.steps, o.steps * run.tokens_per_step, train_loss, val,
+                         run.initial_val if run.initial_val is not None else float("nan"), seconds, run.metrics,
+                         work.out if work else None)
+    if work and acc.is_main_process:
+        save_complete(model, work.path, o.save_dtype, run.source.directory, run.source.config, run.tokenizer)
+        path = os.path.join(work.path, "train_config.json")
+        write_json(path, {**read_json(path, "train_config.json"), "model_type": model.config.model_type,
+                          "parameters": model.num_parameters(), "tokens": result.tokens,
+                          "seconds": round(seconds, 3), "train_loss": train_loss,
+                          "initial_val_loss": result.initial_val_loss, "val_loss": val})
+    if work:
+        work.finish(o.force)
+    return result
+
+
 def train(options: TrainOptions, log=print, given: set[str] | None = None) -> TrainResult:
-    """Train as `options` say; write OUT (see `moe.train.state`) unless `options.out` is None. `given`: the
+    """Train as `options` say; write OUT (see `moekit.moe.train.state`) unless `options.out` is None. `given`: the
     options the user typed (command line), which a --resume keeps over the interrupted run's."""
     from accelerate import Accelerator
 
@@ -172,212 +382,41 @@ def train(options: TrainOptions, log=print, given: set[str] | None = None) -> Tr
     try:
         accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=not torch.cuda.is_available(),
                                   log_with=trackers(options.report_to) or None)
-    except (RuntimeError, ValueError) as e:  # e.g. FSDP asked for on a machine without GPUs
+    except (RuntimeError, ValueError) as e:  # e.g. a launch configuration this machine cannot run
         raise ConfigError(f"accelerate cannot set up this launch: {str(e).strip().splitlines()[0]}") from None
-    main = accelerator.is_main_process
-    work = WorkDir(options.out, main) if options.out else None
+    work = WorkDir(options.out, accelerator.is_main_process) if options.out else None
     try:
-        return _train(options, accelerator, work, log, given)
+        options, resume_from = open_work(options, work, given)
+        run = start_run(options, accelerator, work, resume_from)
+        if log and accelerator.is_main_process:
+            log(f"training {run.source.description}: {run.raw.num_parameters():,} parameters, "
+                f"{accelerator.num_processes} process(es), {run.tokens_per_step:,} tokens per step; "
+                f"{run.schedule.describe()}")
+        result = _run(run)
     finally:
         if work:
             work.release()  # on every way out (a resumed run's lock, an error before training starts)
+    if log and accelerator.is_main_process:
+        log(summary_line(result, run.source.description))
+    return result
 
 
-def _train(options: TrainOptions, accelerator, work: WorkDir | None, log, given: set[str] | None) -> TrainResult:
-    from accelerate.utils import set_seed
-
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    resume_from = None
-    if work and options.resume:
-        work.reopen()
-        options = work.resumed_options(options, given)
-        resume_from = work.last_state()
-    elif work:
-        work.check_new(options.force)
-    if work and os.path.isdir(options.model):
-        check_disjoint(options.model, options.out, "MODEL", "--out")
-
-    # ---- model, tokenizer, data: everything checked before anything is written -----------------------------
-    directory = os.path.abspath(options.model) if os.path.isdir(options.model) else None
-    config = read_config_json(directory) if directory else None
-    tokenizer = load_tokenizer(options.tokenizer, directory, config)
-    if tokenizer is None and directory is None:
-        tokenizer = ByteTokenizer()
-    source = load_model(options.model, options.seed, tokenizer)
-    model, mcfg = source.model, source.model.config
-    is_moe = isinstance(model, MoEForCausalLM)
-    configure_moe(model, options)
-    if options.seq_len + 1 > mcfg.max_position_embeddings:
-        raise ConfigError(f"--seq-len {options.seq_len} needs windows of {options.seq_len + 1} tokens; the model's "
-                          f"max_position_embeddings is {mcfg.max_position_embeddings}")
-    if tokenizer is not None:
-        check_fits(tokenizer, mcfg.vocab_size)
-    with accelerator.main_process_first():
-        kw = dict(vocab_size=mcfg.vocab_size, text_field=options.text_field, cache_dir=options.token_cache,
-                  progress=options.progress and main, write_cache=main)
-        ids, data_source = load_tokens(options.data, tokenizer, **kw)
-        val_ids = load_tokens(options.val_data, tokenizer, **kw)[0] if options.val_data else None
-    data = TokenData(ids, options.seq_len, options.seed, options.data, val_ids)
-    schedule = make_schedule(options, source)
-    flops_per_token = train_flops_per_token(model, options.seq_len)
-    peak = options.peak_flops or device_peak_flops(accelerator.device, options.mixed_precision)
-
-    # ---- optimizer, state, work directory -----------------------------------------------------------------------
-    set_seed(options.seed)
-    optimizer, scheduler = make_optimizer(model, schedule, options.weight_decay, (options.beta1, options.beta2),
-                                          options.router_lr_mult, options.train)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw = accelerator.unwrap_model(model)
-    B, A, S = options.batch_size, options.grad_accum, options.seq_len
-    tokens_per_step = B * A * world * S
-    metrics: list[dict] = []
-    interval, start_step, initial_val = Interval(), 0, None
-    if resume_from is not None:
-        accelerator.load_state(resume_from[1])
-        with open(os.path.join(resume_from[1], "progress.json")) as f:
-            progress = json.load(f)
-        start_step = progress["step"]
-        scheduler.load_state_dict(progress["scheduler"])
-        interval.load(progress["interval"], accelerator.device)
-    if work:
-        if options.resume:  # without a saved state the run starts over: nothing of it is kept
-            metrics = work.truncate_metrics(start_step if resume_from is not None else -1)
-        else:
-            work.create()
-        accelerator.wait_for_everyone()
-        work.write_options(options, {"source": source.description, "data_source": data_source,
-                                     "tokenizer": tokenizer.name if tokenizer else None,
-                                     "schedule": {**dataclasses.asdict(schedule), "final_lr": schedule.lr_at(
-                                         options.steps - 1)}, "processes": world})
-    initial_val = next((m["val_loss"] for m in metrics if m.get("step") == 0 and "val_loss" in m), None)
-    if accelerator.log_with:
-        accelerator.init_trackers("moekit", config={k: v for k, v in dataclasses.asdict(options).items()
-                                                    if isinstance(v, (int, float, str, bool))})
-
-    def record(entry: dict) -> None:
-        metrics.append(entry)
-        if work:
-            work.append_metrics(entry)
-        if accelerator.log_with:
-            accelerator.log(flat_scalars(entry), step=entry["step"])
-
-    if main and log:
-        log(f"training {source.description}: {raw.num_parameters():,} parameters, {world} process(es), "
-            f"{tokens_per_step:,} tokens per step; {schedule.describe()}")
+def _run(run: Run) -> TrainResult:
+    """run_steps then finish_run; on an error or Ctrl-C, OUT.partial keeps the last saved state (named in the
+    error) or, with none saved, is removed."""
+    work = run.work
     try:
-        start = last_time = time.perf_counter()
-        val, train_loss = float("nan"), float("nan")
-        if start_step == 0:
-            initial_val = val = evaluate(model, data, options, accelerator)
-            record({"step": 0, "tokens": 0, "val_loss": val, "val_ppl": round(perplexity(val), 4)})
-        from tqdm.auto import tqdm
-
-        bar = tqdm(range(start_step + 1, options.steps + 1), desc="train", unit="step", initial=start_step,
-                   total=options.steps, disable=not (options.progress and main))
-        for step in bar:
-            batch = data.train_batch(step, B, A, rank, world)  # [A*B, S+1]
-            if accelerator.device.type == "cuda":  # an asynchronous copy: no wait for the previous step's work
-                batch = batch.pin_memory().to(accelerator.device, non_blocking=True)
-            else:
-                batch = batch.to(accelerator.device)
-            counts = None  # [L_moe, E] token copies per expert over the step's micro-batches
-            for i, ids in enumerate(batch.split(B)):  # micro-batches [B, S+1]
-                with accelerator.no_sync(model) if i < A - 1 else nullcontext():
-                    out = model(ids, labels=ids, return_logits=False,  # the loss fused with the LM head
-                                **({"global_balance": True} if options.balance == "global" else {}))
-                    accelerator.backward(out.loss / A)
-                interval.add("loss", out.loss / A)
-                if is_moe:
-                    for name in ("lm_loss", "aux_loss", "z_loss"):
-                        interval.add(name, getattr(out, name) / A)
-                    interval.add_routing(out.router_stats, 1 / A)
-                    c = out.router_stats.tokens_per_expert
-                    counts = c if counts is None else counts + c
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), options.grad_clip or float("inf"))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if is_moe and raw.config.router_bias_update_rate:
-                raw.update_router_bias(accelerator.reduce(counts, "sum"))  # once per optimizer step
-            interval.add("grad_norm", grad_norm.float())
-            interval.steps += 1
-
-            entry = {}
-            if step % options.log_every == 0 or step == options.steps:  # the host syncs of the loop
-                n = interval.steps
-                values = interval.report(lambda v: accelerator.reduce(v, "mean"), lambda v: accelerator.reduce(v, "sum"))
-                now = time.perf_counter()  # after the sync in report: the interval's device work is done
-                train_loss = values["loss"]
-                check_finite(train_loss, step)
-                tokens_per_s = n * tokens_per_step / (now - last_time)
-                lm = values.get("lm_loss", train_loss)
-                entry = {"lr": lr, "loss": train_loss, "ppl": round(perplexity(lm), 4),
-                         **{k: values[k] for k in ("lm_loss", "aux_loss", "z_loss") if k in values},
-                         "grad_norm": values["grad_norm"], "tokens_per_s": round(tokens_per_s, 1),
-                         "mfu": mfu(flops_per_token, tokens_per_s, peak, world)}
-                if torch.cuda.is_available():
-                    entry["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
-                if is_moe:
-                    entry.update(routing_entry(values))
-                last_time = now
-            if (options.eval_every and step % options.eval_every == 0) or step == options.steps:
-                val = evaluate(model, data, options, accelerator)
-                entry.update(val_loss=val, val_ppl=round(perplexity(val), 4))
-                last_time = time.perf_counter()  # tokens/s leaves evaluation out
-            if entry:
-                record({"step": step, "tokens": step * tokens_per_step, **entry})
-                bar.set_postfix_str(f"loss {train_loss:.4f} val {val:.4f} lr {lr:.2e}")
-            if work and options.save_every and step % options.save_every == 0 and step < options.steps:
-                if interval.steps:  # every process decides on the same (summed) value, so none waits alone
-                    check_finite(accelerator.reduce(interval.sums["loss"], "sum").item(), step, "non-finite")
-                save_state(accelerator, work, model, step, scheduler, interval, options, source, tokenizer)
-                last_time = time.perf_counter()
-        bar.close()
-        seconds = time.perf_counter() - start
-        accelerator.wait_for_everyone()
-        model = gathered(accelerator, model)
-        if accelerator.log_with:
-            accelerator.end_training()
-        result = TrainResult(model, options.steps, options.steps * tokens_per_step, train_loss, val,
-                             initial_val if initial_val is not None else float("nan"), seconds, metrics,
-                             work.out if work else None)
-        if work and main:
-            save_complete(model, work.path, options.save_dtype, source.directory, source.config, tokenizer)
-            config = read_json(os.path.join(work.path, "train_config.json"), "train_config.json")
-            write_json(os.path.join(work.path, "train_config.json"), {
-                **config, "model_type": model.config.model_type, "parameters": model.num_parameters(),
-                "tokens": result.tokens, "seconds": round(seconds, 3), "train_loss": train_loss,
-                "initial_val_loss": result.initial_val_loss, "val_loss": val})
-        if work:
-            work.finish(options.force)
+        return finish_run(run, *run_steps(run))
     except (MoekitError, KeyboardInterrupt) as e:
         if work and work.abandon():
             last = work.last_state()
             raise type(e)(f"{e}{'; ' if str(e) else ''}{work.path} keeps the state of step {last[0]}: continue "
-                          f"with `moekit train --resume --out {options.out}`") from None
+                          f"with `moekit train --resume --out {run.options.out}`") from None
         raise
     except BaseException:
         if work:
             work.abandon()
         raise
-    if log and main:
-        log(summary_line(result, source.description))
-    return result
-
-
-def save_state(accelerator, work: WorkDir, model: nn.Module, step: int, scheduler, interval: Interval,
-               options: TrainOptions, source: Source, tokenizer) -> None:
-    """Every --save-every steps: a complete checkpoint OUT.partial/step-N and the training state for --resume."""
-    full = gathered(accelerator, model)
-    if accelerator.is_main_process:
-        directory = os.path.join(work.path, f"step-{step:06d}")
-        shutil.rmtree(directory, ignore_errors=True)
-        os.makedirs(directory)
-        save_complete(full, directory, options.save_dtype, source.directory, source.config, tokenizer)
-    full.train()
-    progress = {"step": step, "scheduler": scheduler.state_dict(), "interval": interval.state()}
-    work.save_state(accelerator, step, options.keep_last, progress)
 
 
 def summary_line(r: TrainResult, source: str) -> str:

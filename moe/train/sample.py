@@ -7,7 +7,7 @@ import torch
 
 from moekit.llama.errors import ConfigError
 
-from .loop import load_model
+from .source import load_model
 from .tokenizer import load_tokenizer
 
 
