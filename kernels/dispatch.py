@@ -31,7 +31,7 @@ def resolve_backend(backend: Backend | None, x: torch.Tensor) -> str:
         return "triton" if x.is_cuda and HAS_TRITON else "torch"
     if backend == "triton":
         if not HAS_TRITON:
-            raise ImportError("backend='triton' needs the triton package (pip install triton)")
+            raise ImportError("backend='triton' needs the triton package (pip install 'moekit[triton]')")
         if not x.is_cuda and not _triton_ops().INTERPRET:
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment before "
                              "moekit.kernels.triton_ops is imported")

@@ -16,8 +16,8 @@ def _import():
         from megablocks.layers.arguments import Arguments
         from megablocks.layers.dmoe import ParallelDroplessMLP
     except ImportError as err:
-        raise ImportError(f"backend='megablocks' needs the megablocks package (pip install megablocks; CUDA only): "
-                          f"{err}") from err
+        raise ImportError("backend='megablocks' needs the megablocks package (pip install 'moekit[megablocks]' or "
+                          f"pip install megablocks; CUDA only): {err}") from err
     return Arguments, ParallelDroplessMLP
 
 

@@ -8,8 +8,9 @@ copies of each donor; verification on, as users run it), and run the single-mode
     .venv/bin/python scripts/bench_donors.py                  # 4 x 1.4 GB donors, 3.5 GB outputs, deleted after
     .venv/bin/python scripts/bench_donors.py --hidden 1024 --intermediate 4096 --vocab 8000   # a quick look
 
-Target: every merge under the single-model converter's bound, 2 x largest output tensor + 1 GiB, and the peak RSS
-of D = 4 within 10% (+ 64 MiB) of D = 1: independent of the number of donors. Writes JSON (--json), prints a table.
+Checked (exit code 1 otherwise): every merge stays under the single-model converter's memory bound, 2 x largest
+output tensor + 1 GiB, and the peak RSS of D = 4 is within 10% (+ 64 MiB) of D = 1: independent of the number of
+donors. Writes JSON (--json), prints a table.
 """
 
 from __future__ import annotations

@@ -46,9 +46,8 @@ def test_bench_train_cli_writes_table_and_json(tmp_path, capsys):
     assert report["moekit_speedup"] == pytest.approx(results[fastest]["step_s"] / results["moekit"]["step_s"])
     assert report["non_gemm_ratio"] == pytest.approx(results["moekit"]["model_non_gemm_s"] /
                                                      results[fastest]["model_non_gemm_s"])
-    t = report["target"]
-    assert t["speedup_min"] == 1.05 and t["speedup_met"] == (report["moekit_speedup"] >= 1.05)
-    assert t["non_gemm_met"] == (report["non_gemm_ratio"] <= 0.5) and "Targets: >= 1.05x as fast" in out
+    assert f"{report['moekit_speedup']:.2f}x as fast; outside matrix products (forward+backward) " \
+           f"{report['non_gemm_ratio']:.2f}x its time" in out
 
 
 def test_mfu_with_a_peak_and_no_profile():
@@ -58,7 +57,7 @@ def test_mfu_with_a_peak_and_no_profile():
     r = report["results"][0]
     assert r["mfu"] == pytest.approx(report["setup"]["train_flops_per_token"] * r["tokens_per_s"] / 1e12)
     assert "profile" not in r and report["non_gemm_ratio"] is None and report["setup"]["adamw"] == "foreach"
-    assert report["target"]["non_gemm_met"] is None and format_table(report).endswith("<= 0.5x not measured")
+    assert format_table(report).endswith("outside matrix products (forward+backward) not profiled")
 
 
 def test_preset_and_overrides():

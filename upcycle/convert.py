@@ -322,7 +322,7 @@ def upcycle_model(dense_model: Llama, options: UpcycleOptions | None = None):
     options = options or UpcycleOptions()
     if options.donors:
         raise ConfigError("upcycle_model upcycles one live model; merge donors from their checkpoint directories "
-                          "with upcycle(None, dst, options)")
+                          "with merge_donors(dst, options)")
     device = next(dense_model.parameters()).device
     tensors = {n: t.detach().cpu() for n, t in dense_model.checkpoint_tensors()}
     source = StateDictReader(dense_model.config.to_dict(), tensors)

@@ -54,10 +54,11 @@ class UpcycleOptions:
     moe_layers: str | list[int] = option("all", "all | every-other | a list like 0,2,5", metavar="LAYERS", parse=str)
     shared_experts: int = option(0, "dense shards s fused into a shared expert (qwen2_moe format)", metavar="S",
                                  min=0)
-    granularity: int | None = option(None, "granular: shards G of the dense FFN; E*G experts, top-k*G",
+    granularity: int | None = option(None, "granular: shards G of the dense FFN, of which R = G - S are routed: "
+                                     "E*R experts, top-k*R",
                                      metavar="G", default_text="2")
-    weight_scaling: WeightScaling = option("down", "granular: down (down_proj x R, exact) | cube-root (He et al.) | "
-                                           "none")
+    weight_scaling: WeightScaling = option("down", "granular: down (down_proj x R, the routed shards per token "
+                                           "group: exact) | cube-root (He et al.) | none")
     router_init: RouterInit = option("normal", "router init: normal (or random) N(0, std^2), one row per virtual group | "
                               "zeros | cheap-embed (prompts' mean token embedding) | hidden (prompts' mean hidden "
                               "state entering each layer's FFN, from the base)")
@@ -77,7 +78,8 @@ class UpcycleOptions:
                                                              "else qwen2_moe")
     force: bool = option(False, "replace DST if it exists")
     ignore_free_space: bool = option(False, "write even if the file system seems to lack the space the output needs")
-    verify: bool = option(True, "skip the logit check against SRC at the end")
+    verify: bool = option(True, "skip the final check (the logits against SRC; with --donors, each expert against "
+                          "its donor's FFN)")
     verify_tokens: int = option(32, "tokens for the final check", metavar="N", min=1, max=65536)
     verify_atol: float | None = option(None, "max |logit difference| a function-preserving recipe may show (with "
                                        "--donors: max |difference| of an expert from its donor's FFN)",

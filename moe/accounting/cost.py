@@ -61,9 +61,10 @@ def train_flops_per_token(model, seq_len: int) -> float:
 class Plan:
     """count total vs active parameters; FLOPs, memory, time and cost
 
-    The question asked of a count: precision, shapes, training run and hardware. Exact parameter counts (total vs
-    active per token, by component) come from a preset, a config.json, a checkpoint directory (safetensors headers
-    only) or a bare count such as 7B; the FLOPs, memory, training time and cost they imply follow from this plan."""
+    Count a model's parameters exactly, total and active per token, by component, from a preset, a config.json, a
+    checkpoint directory (safetensors headers only) or a bare count such as 7B; then the FLOPs per token, weight,
+    KV-cache and training memory, training time and cost they imply at the precision, shapes, training run and
+    hardware given here. (In Python, these options are the plan `derive(count, plan)` works out.)"""
 
     dtype: Literal[tuple(DTYPE_BYTES)] = option("bf16", "weight / KV / gradient precision")
     seq_len: int = option(2048, "context for attention FLOPs and the KV cache", metavar="S", min=1)

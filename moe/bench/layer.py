@@ -82,7 +82,7 @@ def check_contenders(contenders: Sequence[str], device: torch.device) -> None:
         if device.type != "cuda":
             raise MoekitError(f"contender 'megablocks' runs on CUDA only (device {device})")
         if not has_megablocks():
-            raise MoekitError("contender 'megablocks' needs the megablocks package (pip install megablocks), "
+            raise MoekitError("contender 'megablocks' needs the megablocks package (pip install 'moekit[megablocks]'), "
                               "which is not installed")
 
 

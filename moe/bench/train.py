@@ -20,8 +20,9 @@ torch.profiler, per pass: `matmul_s` the self time of the GEMM ops (aten::mm, ad
 `matmul_share` = matmul_s / the profiled pass (attention_share likewise), `non_gemm_share` the rest.
 `model_non_gemm_s` = forward_backward_s x non_gemm_share: the time of the timed forward+backward outside matrix
 products (elementwise ops, routing, permutations, losses, allocation, Python);
-`non_gemm_s` adds the optimizer. The target: moekit's step >= 1.05x as fast as transformers' fastest
-implementation, and its model_non_gemm_s <= half of that one's (`non_gemm_ratio`).
+`non_gemm_s` adds the optimizer. The summary line compares moekit with transformers' fastest implementation here:
+its speed (`moekit_speedup`, step time ratio) and its model_non_gemm_s as a multiple of that one's
+(`non_gemm_ratio`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from .timing import environment, time_once
 
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm",
             "aten::addmv", "aten::mv", "aten::dot"}
-TARGET = {"speedup_min": 1.05, "non_gemm_ratio_max": 0.5}
 
 
 def moe_config(layers, hidden, ffn, experts, top_k, heads, kv_heads, vocab, seq_len, **_) -> MoEConfig:
@@ -145,7 +145,7 @@ def bench_train(layers: int = 4, hidden: int = 512, ffn: int = 1408, experts: in
                 warmup: int | None = None, contenders: list[str] | None = None, peak_flops: float | None = None,
                 profile_steps: int = 3, adamw: str = "fused", seed: int = 0) -> dict:
     """Time every contender's training steps; see the module docstring. Returns {"setup", "results", "fastest",
-    "moekit_speedup", "non_gemm_ratio", "target"}."""
+    "moekit_speedup", "non_gemm_ratio"}."""
     device = resolve_device(device)
     on_cuda = device.type == "cuda"
     repeats, warmup = repeats or (10 if on_cuda else 5), (2 if on_cuda else 1) if warmup is None else warmup
@@ -201,10 +201,8 @@ def bench_train(layers: int = 4, hidden: int = 512, ffn: int = 1408, experts: in
                  train_flops_per_token=fpt, total_params=ours.num_parameters(), peak_flops=peak, adamw=adamw,
                  repeats=repeats,
                  warmup=warmup, contenders=names, **environment(device))
-    met = {"speedup_met": speedup >= TARGET["speedup_min"],
-           "non_gemm_met": None if ratio is None else ratio <= TARGET["non_gemm_ratio_max"]}
     return {"setup": setup, "results": results, "fastest": fastest["name"], "moekit_speedup": speedup,
-            "non_gemm_ratio": ratio, "target": {**TARGET, **met}}
+            "non_gemm_ratio": ratio}
 
 
 def format_table(report: dict) -> str:
@@ -222,11 +220,10 @@ def format_table(report: dict) -> str:
                     f"{1e3 * r['optimizer_s']:.1f} | {r['tokens_per_s']:,.0f} | {f(r['mfu'], '.1%')} | "
                     f"{f(p.get('matmul_share'), '.1%')} | {f(r.get('model_non_gemm_s', 0) * 1e3 or None, '.1f')} | "
                     f"{r['initial_loss']:.6f} |")
-    t, word = report["target"], lambda ok: {True: "met", False: "not met", None: "not measured"}[ok]
-    ratio = f"; non-GEMM {report['non_gemm_ratio']:.2f}x of it" if report["non_gemm_ratio"] is not None else ""
+    ratio = report["non_gemm_ratio"]
+    ratio = "not profiled" if ratio is None else f"{ratio:.2f}x its time"
     rows += ["", f"moekit vs {report['fastest']} (transformers' fastest here): {report['moekit_speedup']:.2f}x as "
-             f"fast{ratio}. Targets: >= {t['speedup_min']}x as fast {word(t['speedup_met'])}; non-GEMM <= "
-             f"{t['non_gemm_ratio_max']}x {word(t['non_gemm_met'])}"]
+             f"fast; outside matrix products (forward+backward) {ratio}"]
     return "\n".join(rows)
 
 

@@ -153,7 +153,7 @@ class Documents:
             import datasets
         except ImportError:
             raise ConfigError(f"{self.spec} is a `datasets` directory; reading it needs the datasets package "
-                              "(pip install datasets)") from None
+                              "(pip install 'moekit[datasets]')") from None
         ds = datasets.load_from_disk(os.path.abspath(self.spec))
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))

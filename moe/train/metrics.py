@@ -115,5 +115,6 @@ def trackers(report_to: str) -> list[str]:
     if report_to == "all-installed":
         return installed
     if report_to not in installed:
-        raise ConfigError(f"--report-to {report_to}: the {report_to} package is not installed (pip install {report_to})")
+        raise ConfigError(f"--report-to {report_to}: the {report_to} package is not installed (pip install "
+                          f"'moekit[trackers]', or pip install {report_to})")
     return [report_to]
