@@ -76,10 +76,23 @@ def test_the_wheel_holds_only_moekit(wheel):
     assert {"triton", "megablocks", "plot", "trackers", "datasets"} <= extras
 
 
-def test_the_installed_wheel_runs_from_outside_the_repository(wheel, tmp_path):
-    venv = fresh_venv(tmp_path, wheel)
-    work = tmp_path / "work"
-    work.mkdir()
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> tuple[Path, Path]:
+    """(a fresh venv with the wheel installed, an empty working directory outside the repository)."""
+    root = tmp_path_factory.mktemp("installed")
+    (root / "work").mkdir()
+    return fresh_venv(root, wheel), root / "work"
+
+
+def upcycled(venv: Path, work: Path) -> None:
+    """work/dense (a tiny Llama trained 2 steps) and work/moe (it upcycled to 4 experts), once."""
+    if not (work / "moe").is_dir():
+        run(venv, work, "moekit", "train", "tiny", "--steps", "2", "--out", "dense", "--no-progress")
+        run(venv, work, "moekit", "upcycle", "dense", "moe", "--num-experts", "4", "--no-progress")
+
+
+def test_the_installed_wheel_runs_from_outside_the_repository(installed):
+    venv, work = installed
     assert "upcycle" in run(venv, work, "moekit", "--help") and "params" in run(venv, work, "python", "-m", "moekit")
     assert run(venv, work, "moekit", "--version").strip() == "moekit 0.1.0"
     where = run(venv, work, "python", "-c", "import importlib.util as u, moekit.llama, moekit.upcycle.convert\n"
@@ -88,33 +101,29 @@ def test_the_installed_wheel_runs_from_outside_the_repository(wheel, tmp_path):
     run(venv, work, "moekit", "train", "tiny-moe", "--steps", "2", "--out", "moe-run", "--no-progress")
     assert {"config.json", "model.safetensors", "metrics.jsonl"} <= set(os.listdir(work / "moe-run"))
     assert "46,702,792,704 parameters" in run(venv, work, "moekit", "params", "mixtral-8x7b")
-    run(venv, work, "moekit", "train", "tiny", "--steps", "2", "--out", "dense", "--no-progress")
-    run(venv, work, "moekit", "upcycle", "dense", "moe", "--num-experts", "4", "--no-progress")
+    upcycled(venv, work)
     assert "OK" in run(venv, work, "moekit", "verify", "dense", "moe", "--no-progress")
 
 
-def test_moekit_lives_beside_hugging_faces_kernels(wheel, tmp_path):
+def test_moekit_lives_beside_hugging_faces_kernels(installed):
     from transformers.utils import import_utils
 
-    venv = fresh_venv(tmp_path, wheel)
+    venv, work = installed
     done = pip(venv, "--no-deps", f"kernels<{import_utils.KERNELS_MAX_VERSION}")
     if done.returncode != 0:
         pytest.skip(f"the package registry refused `pip install kernels`: {done.stderr.strip().splitlines()[-1:]}")
-    work = tmp_path / "work"
-    work.mkdir()
     probe = json.loads(run(venv, work, "python", "-c", "import json, importlib.metadata as m, kernels\n"
                            "from transformers.utils.import_utils import is_kernels_available as ok\n"
                            "v = m.version('kernels')\n"
                            "print(json.dumps([kernels.__file__, hasattr(kernels, 'get_kernel'), v, ok(), "
                            "ok(MIN_VERSION=v)]))"))
     file, theirs, version, available, available_at_its_version = probe
-    assert Path(file).is_relative_to(tmp_path / "venv") and theirs, probe  # Hugging Face's, in the venv
+    assert Path(file).is_relative_to(venv) and theirs, probe  # Hugging Face's, installed in the venv
     # transformers accepts the kernel hub from KERNELS_MIN_VERSION on; the registry may offer only older releases
     in_window = _version(import_utils.KERNELS_MIN_VERSION) <= _version(version)
     assert available == in_window and available_at_its_version, probe
 
-    run(venv, work, "moekit", "train", "tiny", "--steps", "2", "--out", "dense", "--no-progress")
-    run(venv, work, "moekit", "upcycle", "dense", "moe", "--num-experts", "4", "--no-progress")
+    upcycled(venv, work)  # upcycle -> train -> params with their kernels installed
     run(venv, work, "moekit", "train", "moe", "--steps", "2", "--out", "moe-trained", "--no-progress")
     counts = json.loads(run(venv, work, "moekit", "params", "moe-trained", "--json"))
     assert counts["model_type"] == "mixtral" and counts["active_params"] < counts["total_params"]
