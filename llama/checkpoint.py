@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, ConfigError
-from .io import read_config_json, read_json, write_json
+from .io import MARKER, inside, read_config_json, read_json, write_json
 from .options import parse_size
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -100,27 +100,6 @@ def read_header(path: str) -> tuple[dict[str, dict], int]:
     return header, 8 + n
 
 
-def allowed_root(path: str) -> str:
-    """The folder a checkpoint directory's files may resolve into: the directory itself, or for a Hugging Face
-    hub cache snapshot (``models--ORG--NAME/snapshots/REV``, whose files link to ``../../blobs/``) that model's
-    cache folder."""
-    real = os.path.realpath(path)
-    parent, rev = os.path.split(real)
-    root, snapshots = os.path.split(parent)
-    if snapshots == "snapshots" and os.path.basename(root).startswith(("models--", "datasets--")) and rev:
-        return root
-    return real
-
-
-def resolve_inside(directory: str, name: str, what: str) -> str:
-    """The real path of `name` in `directory`; a CheckpointError if it resolves outside the checkpoint."""
-    root = allowed_root(directory)
-    real = os.path.realpath(os.path.join(directory, name))
-    if os.path.commonpath([root, real]) != root:
-        raise CheckpointError(f"{directory}: {what} '{name}' points outside the checkpoint; refusing to read it")
-    return real
-
-
 class CheckpointReader:
     """A Hugging Face model directory: config.json plus one or many safetensors shards, read lazily.
 
@@ -134,7 +113,7 @@ class CheckpointReader:
         cfg = os.path.join(path, "config.json")
         if not os.path.isfile(cfg):
             raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
-        resolve_inside(path, "config.json", "file")
+        inside(path, "config.json", "file")
         self.config = read_config_json(cfg)
         self.files = self._weight_files()  # {file name: real path}
         self.tensors: dict[str, tuple[str, dict]] = {}  # name -> (file, {dtype, shape, data_offsets})
@@ -157,7 +136,7 @@ class CheckpointReader:
     def _weight_files(self) -> dict[str, str]:
         path, self.index = self.path, None
         if os.path.isfile(os.path.join(path, INDEX_NAME)):
-            index = read_json(resolve_inside(path, INDEX_NAME, "file"), "safetensors index")
+            index = read_json(inside(path, INDEX_NAME, "file"), "safetensors index")
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
@@ -166,14 +145,14 @@ class CheckpointReader:
             self.index = weight_map
             files = {}
             for file in sorted(set(weight_map.values())):
-                real = resolve_inside(path, file, "index entry")
+                real = inside(path, file, "index entry")
                 if not os.path.isfile(real):
                     raise CheckpointError(f"{path}: shard '{file}' listed in {INDEX_NAME} is missing")
                 files[file] = real
             return files
         names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if names:
-            return {f: resolve_inside(path, f, "weight file") for f in names}
+            return {f: inside(path, f, "weight file") for f in names}
         pickles = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
         if pickles:
             raise CheckpointError(f"{path}: only pickle weights ({pickles[0]}); moekit never loads pickle: convert "
@@ -237,7 +216,7 @@ def checkpoint_tokenizer(directory: str, why: str = ""):
     """A checkpoint directory's own tokenizer.json (which must lie inside it), read with `read_tokenizer`."""
     if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
         raise ConfigError(f"{directory}: no tokenizer.json{why}")
-    return read_tokenizer(resolve_inside(directory, "tokenizer.json", "file"))
+    return read_tokenizer(inside(directory, "tokenizer.json", "file"))
 
 
 class StateDictReader:
@@ -273,12 +252,12 @@ def copy_side_files(src: str, dst: str, skip: Iterable[str] = ()) -> tuple[list[
     copied, skipped = [], []
     for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)
-        if name == "config.json" or name in skip:
+        if name in ("config.json", MARKER) or name in skip:
             continue  # written anew
         if not os.path.isfile(path) or name == INDEX_NAME or name.endswith((".safetensors", *PICKLE_SUFFIXES)):
             skipped.append(name)  # weights, and directories (e.g. Meta's original/ with .pth weights)
             continue
-        shutil.copyfile(resolve_inside(src, name, "file"), os.path.join(dst, name))
+        shutil.copyfile(inside(src, name, "file"), os.path.join(dst, name))
         copied.append(name)
     return copied, skipped
 

@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Any
 
+from moekit.llama.errors import one_line
 from moekit.llama.options import declared_fields, default_of, flag_name
 
 
@@ -76,4 +77,5 @@ def given_options(cls, argv: list[str]) -> set[str]:
 
 
 def print_error(command: str, message: str) -> None:
-    print(f"moekit{' ' + command if command else ''}: error: {message}", file=sys.stderr)
+    """One line on stderr, whatever the message holds (control characters escaped, long values cut)."""
+    print(one_line(f"moekit{' ' + command if command else ''}: error: {message}"), file=sys.stderr)

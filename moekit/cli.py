@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from moekit.llama.errors import MoekitError
+from moekit.llama.errors import MoekitError, one_line
 from moekit.llama.io import package_version
 from moekit.llama.options import option
 from moekit.moe.accounting.cost import Plan
@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         word = "terminated" if isinstance(e, Terminated) else "interrupted"
-        print(f"moekit{' ' + name if name else ''}: {word}{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
+        print(one_line(f"moekit{' ' + name if name else ''}: {word}{'; ' + str(e) if str(e) else ''}"),
+              file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
 
 

@@ -15,14 +15,16 @@ Finished steps are not redone (`--fresh` starts over); an interrupted training r
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
 import shlex
 import shutil
-import subprocess
-import sys
 import time
+
+from moekit.cli import main as moekit_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ("def fibonacci(n):", "def read_lines(path):", "class Stack:", "    for key, value in")
@@ -35,15 +37,18 @@ SIZES = {  # the default, and a toy size for the test of this script (seconds)
 
 
 def moekit(*args: str, head: int | None = None, quiet: bool = False) -> str:
-    """Run the moekit command line as a user would; echo the command and (the first `head` lines of) its output."""
+    """Run the moekit command line (in this process: one torch import for the whole demo) with the arguments a
+    user would type; echo the command and (the first `head` lines of) its output."""
     print("  $ moekit " + " ".join(shlex.quote(a) for a in args), flush=True)
-    p = subprocess.run([sys.executable, "-m", "moekit", *args], capture_output=True, text=True, cwd=ROOT)
-    out = (p.stdout + p.stderr).rstrip()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = moekit_main(list(args))
+    out = (stdout.getvalue() + stderr.getvalue()).rstrip()
     if not quiet:
         print("\n".join("    " + line for line in out.splitlines()[:head]), flush=True)
-    if p.returncode:
-        raise SystemExit(f"moekit {args[0]} failed (exit code {p.returncode}):\n{out[-2000:]}")
-    return p.stdout
+    if code:
+        raise SystemExit(f"moekit {args[0]} failed (exit code {code}):\n{out[-2000:]}")
+    return stdout.getvalue()
 
 
 def _short(path: str) -> str:

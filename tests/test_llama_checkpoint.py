@@ -8,6 +8,7 @@ import torch
 
 from moekit.llama import CheckpointError, ConfigError, Llama, LlamaConfig
 from moekit.llama.checkpoint import INDEX_NAME, CheckpointReader
+from moekit.llama.io import MARKER
 
 from helpers import hf_llama
 
@@ -38,8 +39,8 @@ def test_our_checkpoint_loads_in_transformers_with_identical_logits(tmp_path, id
     ours = Llama(tiny(tie_word_embeddings=tied)).eval()
     ours.save_pretrained(tmp_path / "ck", max_shard_size="30KB")
     files = sorted(os.listdir(tmp_path / "ck"))
-    assert INDEX_NAME in files and "config.json" in files
-    assert [f for f in files if f.endswith(".safetensors")][0] == f"model-00001-of-{len(files) - 2:05d}.safetensors"
+    assert INDEX_NAME in files and "config.json" in files and MARKER in files
+    assert [f for f in files if f.endswith(".safetensors")][0] == f"model-00001-of-{len(files) - 3:05d}.safetensors"
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
     assert (ours(ids).logits - hf(input_ids=ids).logits).abs().max().item() <= 1e-6
@@ -50,7 +51,7 @@ def test_our_checkpoint_loads_in_transformers_with_identical_logits(tmp_path, id
 def test_single_file_and_dtype_conversion(tmp_path, ids):
     ours = Llama(tiny())
     ours.save_pretrained(tmp_path / "bf16", dtype="bf16")
-    assert sorted(os.listdir(tmp_path / "bf16")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "bf16")) == [MARKER, "config.json", "model.safetensors"]
     assert json.loads((tmp_path / "bf16/config.json").read_text())["torch_dtype"] == "bfloat16"
     back = Llama.from_pretrained(tmp_path / "bf16")
     assert back.lm_head.weight.dtype == torch.bfloat16

@@ -37,7 +37,9 @@ def test_read_config_json(tmp_path):
 def test_write_json_atomic_replaces_whole_and_leaves_nothing(tmp_path):
     path = tmp_path / "sub" / "r.json"
     write_json_atomic(path, {"a": 1})
-    write_json_atomic(path, {"b": [1, 2]})
+    with pytest.raises(CheckpointError, match="already exists; pass --force"):
+        write_json_atomic(path, {"b": [1, 2]})
+    write_json_atomic(path, {"b": [1, 2]}, force=True)
     assert json.loads(path.read_text()) == {"b": [1, 2]} and os.listdir(path.parent) == ["r.json"]
 
 
@@ -46,7 +48,7 @@ def test_atomic_dir_appears_only_when_complete(tmp_path):
     with AtomicDir(dst) as tmp:
         write_json(os.path.join(tmp, "a.json"), {})
         assert not dst.exists() and os.path.basename(tmp).startswith("out.tmp-")
-    assert sorted(os.listdir(dst)) == ["a.json"]
+    assert sorted(os.listdir(dst)) == [".moekit", "a.json"]
     with pytest.raises(CheckpointError, match="already exists; pass --force"):
         with AtomicDir(dst):
             pass
@@ -54,7 +56,7 @@ def test_atomic_dir_appears_only_when_complete(tmp_path):
         with AtomicDir(dst, force=True) as tmp:
             write_json(os.path.join(tmp, "b.json"), {})
             raise RuntimeError("fails half way")
-    assert sorted(os.listdir(dst)) == ["a.json"] and sorted(os.listdir(dst.parent)) == ["out"]  # untouched, no temp
+    assert sorted(os.listdir(dst)) == [".moekit", "a.json"] and sorted(os.listdir(dst.parent)) == ["out"]  # untouched, no temp
     with AtomicDir(dst, force=True) as tmp:
         write_json(os.path.join(tmp, "b.json"), {})
-    assert sorted(os.listdir(dst)) == ["b.json"] and sorted(os.listdir(dst.parent)) == ["out"]
+    assert sorted(os.listdir(dst)) == [".moekit", "b.json"] and sorted(os.listdir(dst.parent)) == ["out"]

@@ -31,7 +31,7 @@ def test_loss_falls_and_output_loads(preset, tmp_path):
     r = train(TrainOptions(model=preset, out=str(out), steps=40, **FAST), log=None)
     assert r.steps == 40 and r.tokens == 40 * 8 * 32
     assert r.val_loss < 0.8 * r.initial_val_loss, (r.initial_val_loss, r.val_loss)  # ~5.6 -> ~2.6
-    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "metrics.jsonl", "model.safetensors",
+    assert sorted(os.listdir(out)) == [".moekit", "config.json", "generation_config.json", "metrics.jsonl", "model.safetensors",
                                        "tokenizer.json", "tokenizer_config.json", "train_config.json"]
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0, 10, 20, 30, 40] and "val_loss" in lines[2] and "val_loss" in lines[-1]

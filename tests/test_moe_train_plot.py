@@ -44,7 +44,7 @@ def test_plot_writes_the_pngs_of_both_runs(runs, tmp_path, capsys):
     rc, stdout, err = moekit(capsys, "plot", root / "dense", root / "moe", "--out", out)  # moe: read from .partial
     assert rc == 0, err
     names = ["loss.png", "lr_throughput.png", "experts-moe.png", "load-moe.png"]  # the dense run has no experts
-    assert sorted(os.listdir(out)) == sorted(names)
+    assert sorted(os.listdir(out)) == sorted([".moekit", *names])
     assert stdout == f"wrote 4 plots of 2 run(s) to {out}: {', '.join(names)}\n"
     for name in names:
         width, height = png_size(out / name)
@@ -94,7 +94,8 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys, monkey
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metrics.jsonl").write_text('{"step": 0, "tokens": 0}\nnot json\n{"step": 1, "tokens": 1}\n')
-    for run, words in ((tmp_path / "nothing", "no such run directory"), (tmp_path, "no metrics.jsonl"),
+    (tmp_path / "bare").mkdir()
+    for run, words in ((tmp_path / "nothing", "no such run directory"), (tmp_path / "bare", "no metrics.jsonl"),
                        (tmp_path / "empty", "empty; the run has not logged a step yet"),
                        (tmp_path / "bad", "metrics.jsonl line 2: not valid JSON")):
         err = one_line_error(capsys, "plot", root / "dense", run, "--out", out)
@@ -106,7 +107,8 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys, monkey
     monkeypatch.undo()
     out.mkdir()
     assert "already exists; pass --force" in one_line_error(capsys, "plot", root / "dense", "--out", out)
-    assert "is or contains the run" in one_line_error(capsys, "plot", root / "dense", "--out", root, "--force")
+    assert "overlap" in one_line_error(capsys, "plot", root / "dense", "--out", root, "--force")
+    assert "overlap" in one_line_error(capsys, "plot", root / "dense", "--out", root / "dense" / "plots")
     assert os.listdir(out) == [] and sorted(os.listdir(root)) == ["dense", "moe.partial"]
 
 

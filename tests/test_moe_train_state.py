@@ -113,9 +113,10 @@ def test_resume_of_something_that_is_not_an_interrupted_run(tmp_path, capsys, ca
 
 
 def test_a_run_another_process_works_in_is_not_taken_over(tmp_path, capsys):
-    from moekit.llama.io import locked_dir
+    from moekit.llama.io import locked_dir, mark
 
     fd = locked_dir(str(tmp_path / "run.partial"))
+    mark(str(tmp_path / "run.partial"))  # as a run of moekit marks it
     try:
         (tmp_path / "run.partial" / "train_config.json").write_text(json.dumps({"options": {}}))
         assert "another run is working in it" in one_line_error(capsys, "train", "--resume", "--out", tmp_path / "run")

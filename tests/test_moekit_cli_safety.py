@@ -106,8 +106,9 @@ def test_concurrent_upcycles_to_one_dst(dense_dir, tmp_path, force):
 
 HOLDER = """
 import sys, time
-from moekit.llama.io import locked_dir
+from moekit.llama.io import locked_dir, mark
 fd = locked_dir(sys.argv[1])
+mark(sys.argv[1])  # as every run of moekit marks its temporary
 print("locked", flush=True)
 time.sleep(120)
 """

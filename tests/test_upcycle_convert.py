@@ -165,7 +165,7 @@ def test_record_side_files_seed_reproducibility_and_library_api(tmp_path, dense_
     sha = hashlib.sha256((dense_dir / "config.json").read_bytes()).hexdigest()
     assert (rec["source"], rec["source_config_sha256"], rec["recipe"], rec["seed"]) == (str(dense_dir), sha, "drop", 7)
     assert rec["options"]["drop_ratio"] == 0.5 and rec["options"]["num_experts"] == 4
-    assert sorted(os.listdir(tmp_path / "a")) == ["config.json", "generation_config.json", "model.safetensors",
+    assert sorted(os.listdir(tmp_path / "a")) == [".moekit", "config.json", "generation_config.json", "model.safetensors",
                                                   "tokenizer.json", "upcycling.json"]
     assert rec["copied_files"] == ["generation_config.json", "tokenizer.json"] and "original" in rec["not_copied"]
     assert json.loads((tmp_path / "a/config.json").read_text())["model_type"] == "mixtral"

@@ -89,8 +89,13 @@ def test_existing_dst_needs_force_and_src_is_protected(tmp_path, dense_dir, caps
     assert os.listdir(dst) == ["keep.txt"] and left_behind(str(dst)) == ["moe"]
     rc, err = run_upcycle(capsys, dense_dir, dense_dir, "--force")
     assert rc == 2 and "must be a directory outside SRC" in err
-    assert run_upcycle(capsys, dense_dir, dst, "--force", "--num-experts", "2")[0] == 0
-    assert "keep.txt" not in os.listdir(dst) and left_behind(str(dst)) == ["moe"]
+    rc, err = run_upcycle(capsys, dense_dir, dst, "--force", "--num-experts", "2")  # a directory of the user's
+    assert rc == 2 and "was not written by moekit (no .moekit file in it)" in err and os.listdir(dst) == ["keep.txt"]
+    ours = tmp_path / "ours"
+    assert run_upcycle(capsys, dense_dir, ours, "--num-experts", "2")[0] == 0
+    (ours / "stale.txt").write_text("from the earlier run")
+    assert run_upcycle(capsys, dense_dir, ours, "--force", "--num-experts", "2")[0] == 0  # moekit's own: replaced
+    assert "stale.txt" not in os.listdir(ours) and left_behind(str(ours)) == ["ours"]
 
 
 KILLED_CHILD = """

@@ -64,7 +64,7 @@ def test_every_expert_is_its_donors_ffn_and_transformers_loads_it(merged, donors
     with torch.no_grad():
         ours, theirs = MoEForCausalLM.from_pretrained(merged)(IDS).logits, hf(input_ids=IDS).logits
     assert (ours - theirs).abs().max() <= 1e-5
-    assert sorted(os.listdir(merged)) == ["config.json", "model.safetensors", "tokenizer.json",
+    assert sorted(os.listdir(merged)) == [".moekit", "config.json", "model.safetensors", "tokenizer.json",
                                           "tokenizer_config.json", "upcycling.json"]
 
 

@@ -31,8 +31,8 @@ from moekit.llama.config import LlamaConfig
 from moekit.llama.errors import CheckpointError, ConfigError
 from moekit.llama.io import (
     AtomicDir,
-    check_disjoint,
     check_free_space,
+    check_output,
     check_path,
     file_sha256,
     package_version,
@@ -240,8 +240,8 @@ def upcycle(src: str | os.PathLike | None, dst: str | os.PathLike, options: Upcy
         raise ConfigError("upcycle() makes an MoE from one dense model; merge --donors with "
                           "moekit.upcycle.merge_donors(dst, options)")
     start = time.perf_counter()
-    src, dst = check_path(src or "", "SRC"), check_path(dst, "DST")
-    check_disjoint(src, dst)
+    src = check_path(src or "", "SRC")
+    dst = check_output(dst, options.force, "DST", [("SRC", src), ("--config", options.config)])
     with CheckpointReader(src) as source:
         plan = plan_upcycle(source, options)
         exact = plan.function_preserving(options)
@@ -282,7 +282,8 @@ def write_checkpoint(plan: UpcyclePlan, sources: list, dst: str, options: Upcycl
     then upcycling.json (`record`, completed here)."""
     if not options.ignore_free_space:
         check_free_space(dst, sum(math.prod(it.shape) * it.dtype.itemsize for it in plan.items), "the MoE")
-    with AtomicDir(dst, options.force) as tmp:
+    inputs = [("SRC", s.path) for s in sources] + [("--config", options.config)]
+    with AtomicDir(dst, options.force, inputs) as tmp:
         write_json(os.path.join(tmp, "config.json"), plan.config_json())
         writer = ShardedWriter(tmp, [(it.name, it.dtype, it.shape) for it in plan.items], options.max_shard_size)
         ctx = _Context(sources)

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from moekit.llama.checkpoint import CheckpointReader
 from moekit.llama.config import LlamaConfig
 from moekit.llama.errors import CheckpointError, ConfigError
-from moekit.llama.io import check_disjoint, check_path, file_sha256, package_version
+from moekit.llama.io import check_output, check_path, file_sha256, package_version
 from moekit.moe import formats
 
 from .convert import Layout, UpcyclePlan, plan_record, plan_upcycle, write_checkpoint
@@ -83,13 +83,11 @@ def merge_donors(dst: str | os.PathLike, options: UpcycleOptions, progress: bool
     start = time.perf_counter()
     if not options.donors:
         raise ConfigError("merge_donors needs options.donors (--donors A B ...)")
-    dst = check_path(dst, "DST")
     paths = [check_path(p, "donor") for p in options.donors]
     options = dataclasses.replace(options, donors=paths, base=check_path(options.base or paths[0], "--base"),
                                   shared_donor=options.shared_donor and check_path(options.shared_donor, "shared"))
     sources = list(dict.fromkeys([options.base, *paths, *filter(None, [options.shared_donor])]))  # 0: the base
-    for p in sources:
-        check_disjoint(p, dst, "source", "DST")
+    dst = check_output(dst, options.force, "DST", [*(("source", p) for p in sources), ("--config", options.config)])
     readers: list[CheckpointReader] = []
     try:
         for p in sources:

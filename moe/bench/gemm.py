@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from moekit.kernels import dispatch, reference
 from moekit.llama.checkpoint import dtype_from_name
-from moekit.llama.io import check_parents, write_json_atomic
+from moekit.llama.io import check_output_file, check_parents, write_json_atomic
 
 from .options import GemmBenchOptions
 from .timing import device_name, git_commit, median_time
@@ -161,10 +161,13 @@ def measure(args: GemmBenchOptions) -> dict:
 
 def run(args: GemmBenchOptions) -> dict:
     """`moekit bench gemm`: measure, print the table, write the JSON."""
-    check_parents(args.json)
+    if args.json:
+        check_output_file(args.json, args.force)
+        check_parents(args.json)
     result = measure(args)
     print(f"{result['device']}, {result['dtype']}, commit {result['commit']}, shapes {result['shapes']}")
     print(_table(result["rows"]))
-    write_json_atomic(args.json, result)
-    print(f"wrote {args.json}")
+    if args.json:
+        write_json_atomic(args.json, result, args.force)
+        print(f"wrote {args.json}")
     return result

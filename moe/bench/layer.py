@@ -290,9 +290,10 @@ def format_table(report: dict) -> str:
 def run(options: LayerBenchOptions) -> dict:
     """`moekit bench layer`: bench_layer with the options given (else the preset's, else the defaults); print the
     table and write the JSON."""
-    from moekit.llama.io import check_parents, write_json_atomic
+    from moekit.llama.io import check_output_file, check_parents, write_json_atomic
 
     if options.json:
+        check_output_file(options.json, options.force)
         check_parents(options.json)
     kwargs = options.layer_kwargs()
     if "dtype" in kwargs:
@@ -302,6 +303,6 @@ def run(options: LayerBenchOptions) -> dict:
     report = bench_layer(**kwargs, contenders=options.only, device=options.device)
     print(format_table(report))
     if options.json:
-        write_json_atomic(options.json, report)
+        write_json_atomic(options.json, report, options.force)
         print(f"wrote {options.json}")
     return report

@@ -43,6 +43,7 @@ class LayerBenchOptions:
                                                metavar="NAME", default_text="all but megablocks on CPU; moekit, "
                                                "hf-grouped_mm, megablocks if installed and dense-equivalent on CUDA")
     json: str | None = option(None, "write the results as JSON to this path", metavar="PATH")
+    force: bool = option(False, "replace --json if it exists (a regular file)")
 
     def __post_init__(self):
         check_options(self)
@@ -80,7 +81,8 @@ class GemmBenchOptions:
     iters: int = option(10, "timed runs", metavar="N", min=1)
     warmup: int = option(3, "untimed runs first", metavar="N", min=0)
     seed: int = option(0, "seed of the random inputs", metavar="N", min=0, max=MAX_SEED)
-    json: str = option("runs/bench/gemm.json", "where to write the results", metavar="PATH")
+    json: str | None = option(None, "write the results as JSON to this path", metavar="PATH")
+    force: bool = option(False, "replace --json if it exists (a regular file)")
 
     def __post_init__(self):
         check_options(self)
@@ -140,6 +142,7 @@ class TrainBenchOptions:
                                 "multiplications; 0 = none", metavar="N", min=0)
     seed: int = option(0, "seed of the weights and the batch", metavar="N", min=0, max=MAX_SEED)
     json: str | None = option(None, "write the results as JSON to this path", metavar="PATH")
+    force: bool = option(False, "replace --json if it exists (a regular file)")
 
     def __post_init__(self):
         check_options(self)

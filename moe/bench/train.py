@@ -229,9 +229,10 @@ def format_table(report: dict) -> str:
 
 def run(options: TrainBenchOptions) -> dict:
     """`moekit bench train`: print the table, write the JSON."""
-    from moekit.llama.io import check_parents, write_json_atomic
+    from moekit.llama.io import check_output_file, check_parents, write_json_atomic
 
     if options.json:
+        check_output_file(options.json, options.force)
         check_parents(options.json)
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -240,6 +241,6 @@ def run(options: TrainBenchOptions) -> dict:
                          profile_steps=options.profile_steps, adamw=options.adamw, seed=options.seed)
     print(format_table(report))
     if options.json:
-        write_json_atomic(options.json, report)
+        write_json_atomic(options.json, report, options.force)
         print(f"wrote {options.json}")
     return report

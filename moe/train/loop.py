@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from moekit.llama.errors import ConfigError, MoekitError
-from moekit.llama.io import check_disjoint, read_config_json, read_json, write_json
+from moekit.llama.io import check_inputs, read_config_json, read_json, write_json
 from moekit.moe.model import MoEForCausalLM
 
 from .data import TokenData, load_tokens
@@ -138,15 +138,19 @@ def configure_moe(model: nn.Module, options: TrainOptions) -> None:
 def open_work(options: TrainOptions, work: WorkDir | None, given: set[str] | None):
     """(options, the last saved state (step, path) or None): with --resume, the interrupted run's options (those
     typed now on top) and state; else a check that OUT may be written."""
+    if work is None:
+        return options, None
     resume_from = None
-    if work and options.resume:
+    if options.resume:
         work.reopen()
         options = work.resumed_options(options, given)
         resume_from = work.last_state()
-    elif work:
+    inputs = [("MODEL", options.model), ("--data", options.data), ("--val-data", options.val_data),
+              ("--tokenizer", options.tokenizer)]
+    for out in (work.out, work.path):  # no input is OUT or OUT.partial, inside them, or holds them
+        check_inputs(out, "--out", inputs)
+    if not options.resume:
         work.check_new(options.force)
-    if work and os.path.isdir(options.model):
-        check_disjoint(options.model, options.out, "MODEL", "--out")
     return options, resume_from
 
 

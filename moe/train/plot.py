@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 
 from moekit.llama.errors import ConfigError, MoekitError
-from moekit.llama.io import AtomicDir, check_path, read_json
+from moekit.llama.io import AtomicDir, check_output, read_json
 
 from .metrics import train_flops_per_token
 from .options import PlotOptions
@@ -245,16 +245,11 @@ def figures(runs: list[Run]) -> dict:
 
 def plot(options: PlotOptions, log=print) -> dict:
     """`moekit plot`: read every RUN, draw the figures, write them to --out atomically; returns {file: Figure}."""
-    out = check_path(options.out, "--out")
-    if os.path.lexists(out) and not options.force:
-        raise ConfigError(f"{out} already exists; pass --force to overwrite it")
+    inputs = [("RUN", run) for run in options.runs]
+    out = check_output(options.out, options.force, "--out", inputs)  # before reading: fail fast
     runs = read_runs(options.runs)
-    for r in runs:  # --force must never remove a run: DIR may lie inside a run, not be one or hold one
-        run, dst = os.path.realpath(r.path), os.path.realpath(out)
-        if run == dst or run.startswith(dst.rstrip(os.sep) + os.sep):
-            raise ConfigError(f"--out {options.out} is or contains the run {r.path}; choose another directory")
     drawn = figures(runs)
-    with AtomicDir(out, options.force) as tmp:
+    with AtomicDir(out, options.force, [("RUN", r.path) for r in runs], "--out") as tmp:
         for name, fig in drawn.items():
             fig.savefig(os.path.join(tmp, name), dpi=100, metadata={"Software": None})
     if log:

@@ -26,13 +26,17 @@ import shutil
 
 from torch import nn
 
-from moekit.llama.checkpoint import copy_side_files, resolve_inside
+from moekit.llama.checkpoint import copy_side_files
 from moekit.llama.errors import CheckpointError, ConfigError
 from moekit.llama.io import (
+    check_output,
     check_parents,
     check_path,
+    check_replaceable,
+    inside,
     locked_dir,
     make_parents,
+    mark,
     publish,
     read_json,
     try_lock,
@@ -81,13 +85,14 @@ class WorkDir:
     def check_new(self, force: bool) -> None:
         """Before any work: refuse an existing OUT or an interrupted run unless `force`."""
         check_parents(self.out)
-        if os.path.lexists(self.out) and not force:
-            raise CheckpointError(f"{self.out} already exists; pass --force to overwrite it")
+        check_output(self.out, force, "--out")
         if os.path.lexists(self.path) and not force:
             last = self.last_state()
             where = f" (last saved state: step {last[0]})" if last else ""
             raise CheckpointError(f"{self.path} holds an interrupted run{where}; pass --resume to continue it or "
                                   "--force to start over")
+        if os.path.lexists(self.path):
+            check_replaceable(self.path, "--out")
 
     def create(self) -> None:
         """Make a fresh, locked OUT.partial (replacing an interrupted run's, which `check_new` allowed)."""
@@ -99,6 +104,7 @@ class WorkDir:
             os.close(self._lock)
         make_parents(self.out)
         self._lock = locked_dir(self.path)
+        mark(self.path)
 
     def reopen(self) -> None:
         """Take over an interrupted run's OUT.partial for --resume."""
@@ -227,7 +233,7 @@ def save_complete(model: nn.Module, directory: str, dtype: str, source_dir: str 
     if getattr(tokenizer, "directory", None) not in (None, source_dir):
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(tokenizer.directory, name)):
-                shutil.copyfile(resolve_inside(tokenizer.directory, name, "tokenizer file"), os.path.join(tmp, name))
+                shutil.copyfile(inside(tokenizer.directory, name, "tokenizer file"), os.path.join(tmp, name))
     elif isinstance(tokenizer, ByteTokenizer) and not os.path.isfile(os.path.join(tmp, "tokenizer.json")):
         tokenizer.save(tmp)
     if not os.path.isfile(os.path.join(tmp, "generation_config.json")):

@@ -13,9 +13,9 @@ import os
 
 import numpy as np
 
-from moekit.llama.checkpoint import read_tokenizer, resolve_inside
+from moekit.llama.checkpoint import read_tokenizer
 from moekit.llama.errors import ConfigError
-from moekit.llama.io import file_sha256, read_json
+from moekit.llama.io import file_sha256, inside, read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
@@ -130,7 +130,7 @@ def load_tokenizer(spec: str | None, model_dir: str | None, model_config: dict |
     if spec is None:
         if model_dir is None or not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
             return None
-        tok = HFTokenizer(resolve_inside(model_dir, "tokenizer.json", "file"), model_config)
+        tok = HFTokenizer(inside(model_dir, "tokenizer.json", "file"), model_config)
     else:
         path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
         if not os.path.isfile(path):
@@ -154,10 +154,11 @@ def train_tokenizer(data: str, out: str, vocab_size: int = 4096, text_field: str
     transformers reads. Its one special token, <|endoftext|>, ends each document (GPT-2's convention)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from moekit.llama.io import AtomicDir
+    from moekit.llama.io import AtomicDir, check_output
 
     from .data import Documents
 
+    check_output(out, force, "--out", [("DATA", data)])  # before the training: fail fast
     docs = Documents(data, text_field)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -165,7 +166,7 @@ def train_tokenizer(data: str, out: str, vocab_size: int = 4096, text_field: str
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(docs.texts(), trainer)
-    with AtomicDir(out, force) as tmp:
+    with AtomicDir(out, force, [("DATA", data)], "--out") as tmp:
         tok.save(os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
