@@ -432,3 +432,23 @@ def file_sha256(path: str, stop: threading.Event | None = None) -> str:
                 return ""
             h.update(chunk)
     return h.hexdigest()
+
+
+def memory_available() -> int | None:
+    """Bytes of memory the machine can still give (MemAvailable of /proc/meminfo), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(needed: float, what: str, hint: str = "") -> None:
+    """Refuse, before allocating, work estimated to need more memory than the machine has available."""
+    free = memory_available()
+    if free is not None and needed > free:
+        raise ConfigError(f"{what} needs about {needed / 1e9:,.1f} GB of memory; {free / 1e9:,.1f} GB is available"
+                          f"{'; ' + hint if hint else ''}")
