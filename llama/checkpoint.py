@@ -155,8 +155,9 @@ class CheckpointReader:
             return {f: inside(path, f, "weight file") for f in names}
         pickles = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
         if pickles:
-            raise CheckpointError(f"{path}: only pickle weights ({pickles[0]}); moekit never loads pickle: convert "
-                                  "them to safetensors first (e.g. transformers' save_pretrained(safe_serialization=True))")
+            raise CheckpointError(f"{path}: no *.safetensors weight files (only pickle weights, {pickles[0]}, which "
+                                  "moekit never loads: convert them to safetensors, e.g. with transformers' "
+                                  "save_pretrained(safe_serialization=True))")
         raise CheckpointError(f"{path}: no *.safetensors weight files")
 
     def __contains__(self, name: str) -> bool:

@@ -4,6 +4,7 @@ with the field's type, default, choices (its `Literal[...]`) and help, so an opt
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any
 
@@ -77,5 +78,7 @@ def given_options(cls, argv: list[str]) -> set[str]:
 
 
 def print_error(command: str, message: str) -> None:
-    """One line on stderr, whatever the message holds (control characters escaped, long values cut)."""
+    """One line on stderr, whatever the message holds (control characters escaped, long values cut), naming the
+    user's paths: an output's temporary directory (DST.tmp-<hex>) is shown as DST."""
+    message = re.sub(r"\.tmp-[0-9a-f]{12}\b", "", message)
     print(one_line(f"moekit{' ' + command if command else ''}: error: {message}"), file=sys.stderr)

@@ -236,13 +236,24 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame):
+    """The first SIGTERM stops the command (its clean-up runs); later ones during the clean-up are ignored, so it
+    is not cut short half way (SIGKILL still ends the process)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if threading.current_thread() is threading.main_thread():
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread:
         signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        if on_main_thread:  # after the command (the interpreter's exit included), SIGTERM ends the process quietly
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _main(argv: list[str]) -> int:
     if argv[:3] == ["bench", "gemm", "--"]:  # the older `bench gemm -- OPTIONS` form
         del argv[2]
     name, debug = next((a for a in argv if not a.startswith("-")), ""), "--debug" in argv

@@ -214,3 +214,13 @@ def test_an_index_that_is_not_a_map_of_names(dense_dir, tmp_path, capsys, weight
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     for command in COMMANDS:
         assert "not a safetensors index" in run(capsys, command, src, tmp_path)
+
+
+def test_pickle_beside_no_safetensors_names_what_is_missing(tmp_path, capsys):
+    src = sharded_dense(tmp_path / "ckpt", vocab_size=64)
+    for f in os.listdir(src):
+        if f.endswith((".safetensors", ".json")) and f != "config.json":
+            os.remove(src / f)
+    (src / "pytorch_model.bin").write_bytes(b"not loaded")
+    err = one_line_error(capsys, "params", src)
+    assert "no *.safetensors weight files (only pickle weights, pytorch_model.bin" in err

@@ -121,3 +121,17 @@ def test_bench_json_replaces_only_a_regular_file_and_only_with_force(what, dense
     mine.write_text("{}")
     rc, _, err = moekit(capsys, *argv[:-1], mine, "--force")
     assert rc == 0 and json.loads(mine.read_text())["rows"], err
+
+
+@pytest.mark.parametrize("kind", ["path", "name"])
+def test_an_output_path_too_long_creates_nothing(kind, dense_dir, tmp_path, capsys):
+    out = tmp_path.joinpath(*["d" * 200] * 25) / "moe" if kind == "path" else tmp_path / ("x" * 300)
+    for argv in (["upcycle", dense_dir, out, "--no-progress"], ["train", "tiny", "--out", out, *TRAIN]):
+        err = refused(capsys, *argv, watch=[tmp_path])
+        assert "path is too long for the file system" in err
+
+
+def test_the_root_is_no_output(dense_dir, capsys):
+    for argv in (["upcycle", dense_dir, "/", "--force", "--no-progress"], ["train", "tiny", "--out", "/", *TRAIN]):
+        err = refused(capsys, *argv)
+        assert "mount point" in err or "overlap" in err or "already exists" in err, err

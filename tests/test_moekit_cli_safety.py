@@ -168,6 +168,18 @@ def test_write_errors_are_one_line_and_leave_nothing(dense_dir, tmp_path, capsys
         assert names(tmp_path) == []
 
 
+def test_an_error_inside_the_temporary_names_the_users_path(dense_dir, tmp_path, capsys, monkeypatch):
+    from moekit.llama import checkpoint
+
+    def disk_full(self, name, tensor):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(self.dir, "model.safetensors"))
+
+    monkeypatch.setattr(checkpoint.ShardedWriter, "write", disk_full)
+    err = one_line_error(capsys, "upcycle", dense_dir, tmp_path / "moe", "--no-progress")
+    assert f"{tmp_path / 'moe' / 'model.safetensors'}: No space left on device" in err and ".tmp-" not in err, err
+    assert names(tmp_path) == []
+
+
 def test_a_parent_that_is_a_file(dense_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     for argv in (["upcycle", dense_dir, tmp_path / "file" / "moe", "--no-progress"],
@@ -217,6 +229,32 @@ def test_a_signal_mid_write_is_one_line_and_removes_the_temporary(dense_dir, tmp
     assert child.wait(timeout=30) == code
     assert child.stderr.read() == f"moekit upcycle: {word}\n"
     assert names(tmp_path) == ["marker"]
+
+
+SLOW_CLEANUP = SLOW_UPCYCLE.replace("from moekit.cli import main", """import shutil
+rmtree = shutil.rmtree
+def slow_rmtree(path, *a, **k):
+    open(sys.argv[3] + "-cleanup", "w").close()  # the clean-up has begun: a second signal now
+    time.sleep(1)
+    rmtree(path, *a, **k)
+shutil.rmtree = slow_rmtree
+from moekit.cli import main""")
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_during_the_clean_up_changes_nothing(dense_dir, tmp_path):
+    dst, marker = tmp_path / "moe", tmp_path / "marker"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_CLEANUP, str(dense_dir), str(dst), str(marker)], cwd=ROOT,
+                             stderr=subprocess.PIPE, text=True)
+    for wait_for in (marker, tmp_path / "marker-cleanup"):
+        deadline = time.time() + 60
+        while not wait_for.exists() and child.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert wait_for.exists()
+        child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=30) == 143
+    assert child.stderr.read() == "moekit upcycle: terminated\n"  # no "Exception ignored ... Terminated"
+    assert names(tmp_path) == ["marker", "marker-cleanup"]
 
 
 STARTING = """
