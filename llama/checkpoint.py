@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, shown
 from .io import MARKER, inside, read_config_json, read_json, write_json
 from .options import parse_size
 
@@ -74,7 +74,7 @@ def read_header(path: str) -> tuple[dict[str, dict], int]:
             if n > MAX_HEADER_BYTES or 8 + n > size:
                 raise bad("its header length field exceeds the file: corrupt or truncated")
             header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, too deep, an integer of thousands of digits
         raise bad("the header is not JSON") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
@@ -82,18 +82,18 @@ def read_header(path: str) -> tuple[dict[str, dict], int]:
         raise bad("the header is not a JSON object")
     header.pop("__metadata__", None)
     for name, info in header.items():
-        if not isinstance(info, dict) or info.get("dtype") not in DTYPES:
-            raise bad(f"tensor '{name}' has no known dtype; expected one of {', '.join(DTYPES)}")
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
+            raise bad(f"tensor {shown(name)} has no known dtype; expected one of {', '.join(DTYPES)}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                   for d in shape):
-            raise bad(f"tensor '{name}' has no valid shape; expected a list of non-negative integers")
+            raise bad(f"tensor {shown(name)} has no valid shape; expected a list of non-negative integers")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(
                 isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
-            raise bad(f"tensor '{name}' has no valid data_offsets; expected [begin, end] with 0 <= begin <= end")
+            raise bad(f"tensor {shown(name)} has no valid data_offsets; expected [begin, end] with 0 <= begin <= end")
         want = math.prod(shape) * DTYPES[info["dtype"]].itemsize
         if offsets[1] - offsets[0] != want:
-            raise bad(f"tensor '{name}' spans {offsets[1] - offsets[0]} bytes; its shape and dtype need {want}")
+            raise bad(f"tensor {shown(name)} spans {offsets[1] - offsets[0]} bytes; its shape and dtype need {want}")
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated: the header promises {8 + n + end} bytes, the file has {size}")

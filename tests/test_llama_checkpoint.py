@@ -142,7 +142,7 @@ def test_missing_config_and_missing_dir(sharded, tmp_path):
 def test_pickle_weights_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(tiny().to_json())
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
-    with pytest.raises(CheckpointError, match="never loads pickle: convert"):
+    with pytest.raises(CheckpointError, match="which moekit never loads: convert them"):
         Llama.from_pretrained(tmp_path)
 
 
