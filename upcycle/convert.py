@@ -4,8 +4,11 @@ A plan lists every output tensor (name, dtype, shape) with the recipe that makes
 from the plan, then each tensor is made and written the moment it is needed, one at a time: each expert's gate,
 up and down as separate [F, H] / [H, F] tensors, never a stacked [E, ...] tensor. Experts are written role-major
 (every expert's gate, then every up, then every down) so only one dense FFN matrix is held at a time. Peak memory
-is about one dense tensor plus one output tensor, whatever the model size. The directory is built in
-`DST.tmp-*` and renamed when complete (`llama.io.AtomicDir`).
+is about one dense tensor plus one output tensor, whatever the model size. Every expert is checked finite as it
+is made (a non-finite one is a one-line error, and nothing is published). The directory is built in `DST.tmp-*`
+and renamed when complete (`llama.io.AtomicDir`), with the source's side files (tokenizer, chat template, ...) but
+not its training run's (`record.SOURCE_RUN_FILES`): upcycling.json records the learning rate that run ended at
+instead (`source_final_lr`, validated).
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ from moekit.llama.checkpoint import (
     dtype_from_name,
 )
 from moekit.llama.config import LlamaConfig
-from moekit.llama.errors import CheckpointError, ConfigError
+from moekit.llama.errors import CheckpointError, ConfigError, shown
 from moekit.llama.io import (
     AtomicDir,
     check_free_space,
     check_output,
     check_path,
     file_sha256,
+    inside,
     package_version,
     write_json,
 )
@@ -44,7 +48,7 @@ from moekit.moe.config import MoEConfig
 
 from . import recipes
 from .options import UpcycleOptions
-from .record import RECORD_NAME
+from .record import RECORD_NAME, SOURCE_RUN_FILES, source_final_lr
 from .verify import LOGIT_ATOL, VerifyError, verify_checkpoints
 
 _TAG = {"router": 1, "drop": 2, "gate": 3, "up": 4, "down": 5}  # generator stream ids
@@ -139,7 +143,7 @@ def moe_config(dense: LlamaConfig, options: UpcycleOptions, source_name: str) ->
         raise ConfigError(f"{source_name}: intermediate_size {F} is not divisible by {what}")
     layers = options.layers(dense.num_hidden_layers)
     if not layers:
-        raise ConfigError(f"--moe-layers {options.moe_layers}: no layer of the {dense.num_hidden_layers} "
+        raise ConfigError(f"--moe-layers {shown(options.moe_layers)}: no layer of the {dense.num_hidden_layers} "
                           "becomes MoE")
     sparse: dict = {}
     if options.moe_layers == "every-other":
@@ -212,8 +216,18 @@ def _plan_moe_layer(plan: UpcyclePlan, i: int, o: UpcycleOptions, dtype: torch.d
 
 def _expert_maker(o: UpcycleOptions, i: int, j: int, role: str, dense_name: str, shard: int, G: int,
                   scales: dict | None, dtype: torch.dtype, src: int) -> Callable[[_Context], torch.Tensor]:
-    """How expert j of layer i gets its `role` matrix from shard `shard` of source `src`'s dense one."""
+    """How expert j of layer i gets its `role` matrix from shard `shard` of source `src`'s dense one (checked
+    finite: nothing non-finite is written)."""
     def make(ctx: _Context) -> torch.Tensor:
+        w = made(ctx)
+        if not torch.isfinite(w).all():
+            how = f"--recipe {o.recipe}" + (f" --noise-scale {o.noise_scale:g}" if o.recipe == "noise" else "")
+            raise ConfigError(f"expert {j} of layer {i} ({role}_proj, {str(dtype).removeprefix('torch.')}) would "
+                              f"hold non-finite values: {how} on {ctx.sources[src].path}'s '{dense_name}'; nothing "
+                              "written")
+        return w
+
+    def made(ctx: _Context) -> torch.Tensor:
         exact_copy = o.recipe in ("copy", "granular")  # cast once, then slice (noise / drop use the source values)
         w = recipes.shard(ctx(dense_name, dtype if exact_copy else None, src), role, shard, G)  # [F/G, H] | [H, F/G]
         if o.recipe == "noise":
@@ -246,7 +260,8 @@ def upcycle(src: str | os.PathLike | None, dst: str | os.PathLike, options: Upcy
         plan = plan_upcycle(source, options)
         exact = plan.function_preserving(options)
         record = {"moekit_version": package_version("moekit"), "source": src,
-                  "source_config_sha256": file_sha256(os.path.join(src, "config.json")), **plan_record(plan, options),
+                  "source_config_sha256": file_sha256(inside(src, "config.json", "config.json")),
+                  "source_final_lr": source_final_lr(src), **plan_record(plan, options),
                   "function_preserving": exact}
 
         def check(tmp: str, record: dict) -> None:
@@ -291,7 +306,7 @@ def write_checkpoint(plan: UpcyclePlan, sources: list, dst: str, options: Upcycl
             writer.write(item.name, item.make(ctx))
         ctx.tensor = None
         writer.close()
-        copied, skipped = copy_side_files(sources[0].path, tmp, skip=(RECORD_NAME,))
+        copied, skipped = copy_side_files(sources[0].path, tmp, skip=(RECORD_NAME, *SOURCE_RUN_FILES))
         record.update(copied_files=copied, not_copied=skipped, output_bytes=writer.total_size,
                       shards=len(writer.files), seconds=None, verify=None)
         check(tmp, record)

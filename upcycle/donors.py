@@ -10,10 +10,13 @@ FFN may become a shared expert (qwen2_moe). Routers are random or set from promp
 
 The converter's plan streams as for one source (`upcycle.convert`): one tensor at a time, each expert's matrices
 read from its donor as they are written, so memory does not grow with the number or size of the donors. Every
-source is checked first: the same architecture and FFN shapes as the base (one-line error naming the donor and the
-field). `upcycling.json` records the recipe (and the recipe file's text), and the sha256 of every source file,
-computed in a background thread while the MoE is written. Before publishing, every expert is checked against its
-donor's FFN and the routing of each donor's prompts is measured (`upcycle.verify.check_merged`).
+source is checked first: the same architecture, vocab_size and FFN shapes as the base, and a tokenizer.json that
+gives every token id the base's meaning (`tokenizer_source: base` accepts another tokenizer.json of the same
+vocab_size: the base's tokenizer and embeddings serve every expert), with one-line errors naming the donor and the
+field. `upcycling.json` records the recipe (and the recipe file's text), the base's `source_final_lr`, and the
+sha256 of every source file, computed in a background thread while the MoE is written. Before publishing, every
+expert is checked against its donor's FFN and the routing of each donor's prompts is measured
+(`upcycle.verify.check_merged`).
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from moekit.llama.checkpoint import CheckpointReader
 from moekit.llama.config import LlamaConfig
-from moekit.llama.errors import CheckpointError, ConfigError
-from moekit.llama.io import check_output, check_path, file_sha256, package_version
+from moekit.llama.errors import CheckpointError, ConfigError, shown
+from moekit.llama.io import check_output, check_path, file_sha256, inside, package_version, read_side_json
 from moekit.moe import formats
 
 from .convert import Layout, UpcyclePlan, plan_record, plan_upcycle, write_checkpoint
 from .options import PROMPT_INITS, UpcycleOptions
 from .recipe_file import describe
+from .record import source_final_lr
 from .routers import prompt_routers
 from .verify import ExpertsResult, VerifyError, check_merged
 
@@ -47,19 +51,25 @@ def open_source(path: str, what: str) -> CheckpointReader:
     return CheckpointReader(path)
 
 
-def check_donor(donor: CheckpointReader, base: CheckpointReader, b: LlamaConfig, layers: list[int]) -> None:
-    """The donor has the base's (config `b`) architecture and FFN shapes (one-line errors naming the donor and
-    what differs)."""
+def check_donor(donor: CheckpointReader, base: CheckpointReader, b: LlamaConfig, layers: list[int],
+                tokenizer_source: str | None = None) -> None:
+    """The donor has the base's (config `b`) architecture, vocab_size and FFN shapes (one-line errors naming the
+    donor and what differs)."""
     name = os.path.join(donor.path, "config.json")
     got, want = donor.config.get("model_type"), base.config.get("model_type")
     if got != want:
-        raise ConfigError(f"{name}: model_type {got!r} differs from the base's {want!r} ({base.path}); donors must "
-                          "share the base's architecture")
+        raise ConfigError(f"{name}: model_type {shown(got)} differs from the base's {shown(want)} ({base.path}); "
+                          "donors must share the base's architecture")
     a = LlamaConfig.from_dict(donor.config, source=name)
     for f in SHARED_FIELDS:
         if getattr(a, f) != getattr(b, f):
-            raise ConfigError(f"{name}: {f} {getattr(a, f)!r} differs from the base's {getattr(b, f)!r} "
+            raise ConfigError(f"{name}: {f} {shown(getattr(a, f))} differs from the base's {shown(getattr(b, f))} "
                               f"({base.path}); donors must share the base's architecture and shapes")
+    if a.vocab_size != b.vocab_size:
+        why = ("tokenizer_source base with donors of another vocab_size is not supported yet" if tokenizer_source
+               else "donors must share the base's tokenizer")
+        raise ConfigError(f"{name}: vocab_size {a.vocab_size} differs from the base's {b.vocab_size} ({base.path}); "
+                          f"{why}")
     for i in layers:
         for t in formats.dense_mlp_names(i).values():
             if t not in donor:
@@ -69,10 +79,58 @@ def check_donor(donor: CheckpointReader, base: CheckpointReader, b: LlamaConfig,
                                       f"expected the base's {list(base.shape(t))}, floating point")
 
 
+def vocabulary(directory: str) -> dict | None:
+    """What fixes the meaning of each token id in a checkpoint's tokenizer.json (read through `read_side_json`):
+    its model type, vocabulary, merges and added tokens; None without a tokenizer.json. Formatting, and settings
+    that do not change what an id means (padding, truncation, normaliser, post-processor), are left out."""
+    tok = read_side_json(directory, "tokenizer.json")
+    if tok is None:
+        return None
+    model = tok.get("model") if isinstance(tok.get("model"), dict) else {}
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+        vocab = [v[0] if isinstance(v, list) and v else v for v in vocab]
+    if isinstance(merges, list):  # "a b", or ["a", "b"] since tokenizers 0.20
+        merges = [" ".join(map(str, m)) if isinstance(m, list) else m for m in merges]
+    added = tok.get("added_tokens") if isinstance(tok.get("added_tokens"), list) else []
+    return {"model type": model.get("type"), "vocabulary": vocab, "merges": merges,
+            "added tokens": sorted((str(t.get("id")), str(t.get("content"))) for t in added if isinstance(t, dict))}
+
+
+def check_tokenizers(readers: list[CheckpointReader], tokenizer_source: str | None) -> None:
+    """Every donor's tokenizer.json means by each token id what the base's does (readers[0]), unless
+    `tokenizer_source` is base (the base's tokenizer and embeddings serve every expert; vocab sizes checked equal by
+    `check_donor`). A checkpoint without tokenizer.json is compared by vocab_size only."""
+    if tokenizer_source == "base":
+        return
+    want = vocabulary(readers[0].path)
+    for r in readers[1:]:
+        got = vocabulary(r.path) if want is not None else None
+        if got is not None and got != want:
+            part = next(k for k in want if got[k] != want[k])
+            raise ConfigError(f"{r.path}/tokenizer.json differs from the base's ({readers[0].path}/tokenizer.json: "
+                              f"its {part}); donors must share the base's tokenizer, or say to use the base's "
+                              "(tokenizer_source: base in a recipe, or --tokenizer-source base)")
+
+
 def checksums(readers: list[CheckpointReader], stop: threading.Event | None = None) -> dict[str, dict[str, str]]:
     """{source path: {file: sha256}} of each source's config.json and weight files (until `stop` is set)."""
-    return {r.path: {"config.json": file_sha256(os.path.join(r.path, "config.json")),
+    return {r.path: {"config.json": file_sha256(inside(r.path, "config.json", "config.json")),
                      **{f: file_sha256(real, stop) for f, real in sorted(r.files.items())}} for r in readers}
+
+
+def open_checked(sources: list[str], options: UpcycleOptions, readers: list) -> tuple[LlamaConfig, list[int]]:
+    """Open every source into `readers` (0: the base; the caller closes them) and check each against the base:
+    architecture, vocab_size, FFN shapes, tokenizer. Returns the base's config and the MoE layers."""
+    for p in sources:
+        what = "--base" if p == options.base else "--shared-donor" if p == options.shared_donor else "donor"
+        readers.append(open_source(p, what))
+    dense = LlamaConfig.from_dict(readers[0].config, source=os.path.join(options.base, "config.json"))
+    layers = options.layers(dense.num_hidden_layers)
+    for r in readers[1:]:
+        check_donor(r, readers[0], dense, layers, options.tokenizer_source)
+    check_tokenizers(readers, options.tokenizer_source)
+    return dense, layers
 
 
 def merge_donors(dst: str | os.PathLike, options: UpcycleOptions, progress: bool = True,
@@ -90,13 +148,7 @@ def merge_donors(dst: str | os.PathLike, options: UpcycleOptions, progress: bool
     dst = check_output(dst, options.force, "DST", [*(("source", p) for p in sources), ("--config", options.config)])
     readers: list[CheckpointReader] = []
     try:
-        for p in sources:
-            what = "--base" if p == options.base else "--shared-donor" if p == options.shared_donor else "donor"
-            readers.append(open_source(p, what))
-        dense = LlamaConfig.from_dict(readers[0].config, source=os.path.join(options.base, "config.json"))
-        layers = options.layers(dense.num_hidden_layers)
-        for r in readers[1:]:
-            check_donor(r, readers[0], dense, layers)
+        dense, layers = open_checked(sources, options, readers)
         layout = Layout([sources.index(paths[j // options.copies]) for j in range(options.num_experts)],
                         sources.index(options.shared_donor) if options.shared_donor else None)
         if options.router_init in PROMPT_INITS:
@@ -108,7 +160,8 @@ def merge_donors(dst: str | os.PathLike, options: UpcycleOptions, progress: bool
         record = {"moekit_version": package_version("moekit"), "base": options.base, "donors": paths,
                   "shared_donor": options.shared_donor, "experts": [paths[j // options.copies]
                                                                     for j in range(options.num_experts)],
-                  "router_init": options.router_init, **plan_record(plan, options), "function_preserving": False}
+                  "router_init": options.router_init, "source_final_lr": source_final_lr(options.base),
+                  **plan_record(plan, options), "function_preserving": False}
         if options.config:
             record["recipe_file"] = describe(options.config)
 

@@ -15,10 +15,11 @@ from `base` (default: the first donor), and `shared_donor`'s whole FFN may becom
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from moekit.llama.errors import ConfigError
+from moekit.llama.errors import ConfigError, shown
 from moekit.llama.options import MAX_SEED, check_options, option, parse_size
 
 Recipe = Literal["copy", "noise", "drop", "granular"]
@@ -26,6 +27,10 @@ RouterInit = Literal["normal", "random", "zeros", "cheap-embed", "hidden"]  # ra
 WeightScaling = Literal["down", "cube-root", "none"]
 RECIPES = get_args(Recipe)
 PROMPT_INITS = ("cheap-embed", "hidden")  # the router inits that read prompts
+MAX_PROMPTS = 1024  # per --positive-prompts / --negative-prompts: one forward of the base reads them all at once
+MAX_PROMPT_CHARS = 32768  # per prompt, before tokenising (then: at most the model's max_position_embeddings tokens)
+MAX_NOISE_SCALE = 10.0  # --noise-scale: noise 10x the weights' std already drowns them
+TOKENIZER_SOURCES = ("base",)  # mergekit's tokenizer_source values moekit implements
 
 
 @dataclass
@@ -69,7 +74,12 @@ class UpcycleOptions:
                                                 "I:TEXT", metavar="I:TEXT")
     router_scale: float = option(1.0, "cheap-embed, hidden: the norm of each router row (1: unit rows, as "
                                  "mergekit-moe writes them)", metavar="S", gt=0)
-    noise_scale: float = option(0.01, "noise: noise std relative to each weight's std", metavar="ALPHA", min=0)
+    tokenizer_source: str | None = option(None, "with --donors: base: the base's tokenizer and embeddings serve "
+                                          "every expert even where a donor's tokenizer.json differs (the same "
+                                          "vocab_size still required)", metavar="SOURCE",
+                                          default_text="donors must share the base's tokenizer")
+    noise_scale: float = option(0.01, "noise: noise std relative to each weight's std", metavar="ALPHA", min=0,
+                                max=MAX_NOISE_SCALE)
     drop_ratio: float = option(0.5, "drop: fraction of neurons re-initialised per expert", metavar="R", min=0, max=1)
     seed: int = option(0, "random seed for router, noise, drop and verify tokens", metavar="N", min=0, max=MAX_SEED)
     dtype: Literal["fp32", "bf16", "fp16"] | None = option(None, "output dtype", default_text="the source's")
@@ -94,6 +104,7 @@ class UpcycleOptions:
         self.validate()
 
     def validate(self) -> None:
+        self._check_prompt_sizes()  # before anything walks the lists
         check_options(self)
         parse_size(self.max_shard_size)
         if self.top_k > self.num_experts:
@@ -114,11 +125,15 @@ class UpcycleOptions:
     def _validate_donors(self) -> None:
         D, E = len(self.donors or ()), self.num_experts
         if not self.donors:
-            given = [f for f in ("base", "shared_donor", "positive_prompts", "negative_prompts") if getattr(self, f)]
+            given = [f for f in ("base", "shared_donor", "positive_prompts", "negative_prompts", "tokenizer_source")
+                     if getattr(self, f)]
             if given or self.router_init in PROMPT_INITS:
                 what = f"--{given[0].replace('_', '-')}" if given else f"--router-init {self.router_init}"
                 raise ConfigError(f"{what} is an option of --donors (experts from several dense checkpoints)")
             return
+        if self.tokenizer_source is not None and self.tokenizer_source not in TOKENIZER_SOURCES:
+            raise ConfigError(f"--tokenizer-source {shown(self.tokenizer_source)} is not supported yet; moekit "
+                              "implements base (the base's tokenizer and embeddings, donors of one vocab_size)")
         if D > E:
             raise ConfigError(f"{D} donors but --num-experts {E}: every donor needs at least one expert")
         if E % D:
@@ -133,7 +148,8 @@ class UpcycleOptions:
             bad = next((k for k in by_key if k not in keys), None)
             if bad is not None:
                 want = f"0..{D - 1}" + (" or shared" if self.shared_donor else "")
-                raise ConfigError(f"--{kind}-prompts: expert '{bad}' does not exist; expected I:TEXT with I in {want}")
+                raise ConfigError(f"--{kind}-prompts: expert {shown(str(bad))} does not exist; expected I:TEXT with I "
+                                  f"in {want}")
         if self.router_init in PROMPT_INITS:
             missing = next((i for i in range(D) if not prompts["positive"].get(i)), None)
             if missing is not None:
@@ -144,15 +160,31 @@ class UpcycleOptions:
             raise ConfigError(f"prompts are read by --router-init cheap-embed or hidden, not "
                               f"'{self.router_init}'")
 
+    def _check_prompt_sizes(self) -> None:
+        """At most MAX_PROMPTS prompts of each kind, each at most MAX_PROMPT_CHARS characters (one-line errors
+        naming the limit, before anything tokenises or allocates for them)."""
+        for kind in ("positive", "negative"):
+            texts = getattr(self, f"{kind}_prompts")
+            if not isinstance(texts, (list, tuple)):
+                continue
+            if len(texts) > MAX_PROMPTS:
+                raise ConfigError(f"--{kind}-prompts: {len(texts):,} prompts; at most {MAX_PROMPTS:,}")
+            long = next((p for p in texts if isinstance(p, str) and len(p) > MAX_PROMPT_CHARS), None)
+            if long is not None:
+                raise ConfigError(f"--{kind}-prompts: a prompt of {len(long):,} characters ({shown(long, 40)}); a "
+                                  f"prompt holds at most {MAX_PROMPT_CHARS:,} (and at most the model's "
+                                  "max_position_embeddings tokens)")
+
     def prompts(self, kind: str = "positive") -> dict[int | str, list[str]]:
         """{expert key (donor position, or 'shared'): [prompt, ...]} from the I:TEXT strings."""
         out: dict[int | str, list[str]] = {}
         for p in getattr(self, f"{kind}_prompts") or ():
             key, sep, text = p.partition(":")
             key = key.strip()
-            if not sep or not (key.isdigit() or key == "shared"):
-                raise ConfigError(f"--{kind}-prompts {p[:40]!r}: expected I:TEXT, I the expert's index or 'shared'")
-            out.setdefault(int(key) if key.isdigit() else key, []).append(text)
+            if not sep or not (re.fullmatch(r"[0-9]{1,6}", key) or key == "shared"):
+                raise ConfigError(f"--{kind}-prompts {shown(p, 40)}: expected I:TEXT, I the expert's index or "
+                                  "'shared'")
+            out.setdefault(int(key) if key != "shared" else key, []).append(text)
         return out
 
     @property
@@ -221,13 +253,47 @@ def parse_moe_layers(value: str | list[int]) -> str | list[int]:
         try:
             value = [int(v) for v in value.split(",") if v.strip()]
         except ValueError:
-            raise ConfigError(f"--moe-layers '{value}': expected all, every-other or a list like 0,2,5") from None
+            raise ConfigError(f"--moe-layers {shown(value)}: expected all, every-other or a list like 0,2,5") \
+                from None
     if not isinstance(value, (list, tuple)) or not value or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in value):
-        raise ConfigError(f"--moe-layers {value!r}: expected all, every-other or a non-empty list of layer indices")
+        raise ConfigError(f"--moe-layers {shown(value)}: expected all, every-other or a non-empty list of layer "
+                          "indices")
     if len(set(value)) != len(value):
-        raise ConfigError(f"--moe-layers {list(value)}: a layer is listed twice")
+        raise ConfigError(f"--moe-layers {shown(list(value))}: a layer is listed twice")
     return sorted(value)
+
+
+SCALARS = (str, int, float, bool, type(None))  # what one option's value (or one item of a list option) may be
+
+
+def unknown_keys(where: str, context: str, keys, allowed, not_implemented=()) -> None:
+    """A one-line error naming the first keys of `keys` (from a file: any value) not in `allowed`."""
+    unknown = [k for k in keys if k not in allowed]
+    if unknown:
+        extra = [k for k in unknown if k in not_implemented]
+        why = f"mergekit's {extra[0]} is not implemented by moekit" if extra else f"expected {', '.join(allowed)}"
+        names = ", ".join(shown(k) for k in unknown[:3]) + (f" and {len(unknown) - 3:,} more" if len(unknown) > 3
+                                                              else "")
+        raise ConfigError(f"{where}: unknown key{'s' * (len(unknown) > 1)} {names} in {context} ({why})")
+
+
+def options_from_dict(values: dict, where: str, context: str, fixed: dict | None = None) -> UpcycleOptions:
+    """UpcycleOptions from a mapping of option names read from a file (a moekit recipe, an upcycling.json's
+    `options`), with `fixed` on top: unknown names, a list or mapping where one value belongs, and every value the
+    command line would refuse are one-line errors naming `where` and the key."""
+    fields = {f.name: f for f in dataclasses.fields(UpcycleOptions)}
+    unknown_keys(where, context, values, list(fields))
+    for key, value in values.items():
+        many = "list[" in str(fields[key].type)
+        items = value if many and isinstance(value, list) else [value]
+        if not all(isinstance(v, SCALARS) for v in items):
+            want = "a list of strings or numbers" if many else "one string, number or boolean"
+            raise ConfigError(f"{where}: {key} in {context} must be {want}, got {shown(value)}")
+    try:
+        return UpcycleOptions(**{**values, **(fixed or {})})
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 @dataclass

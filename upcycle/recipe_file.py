@@ -14,26 +14,33 @@ mergekit-moe (arcee-ai/mergekit, docs/moe.md), and the options each key becomes:
       - source_model: path/to/chat
     architecture: mixtral             # --format: mixtral | qwen (optional)
 
-`tokenizer_source: base` (older configs) is accepted: moekit copies the base's tokenizer. Prompts are read only by
-hidden and cheap_embed, as in mergekit. Any other key, and the mergekit keys moekit does not implement (an
+Donors must share the base's tokenizer (the same vocab_size and tokenizer.json vocabulary); `tokenizer_source: base`
+says to use the base's tokenizer and embeddings even where a donor's tokenizer.json differs (the vocab_size must
+still match; other tokenizer sources are not supported yet). Prompts are read only by hidden and cheap_embed, as in
+mergekit. Any other key, and the mergekit keys moekit does not implement (an
 expert's `noise_scale` and `residual_scale`, gate mode `uniform_random`), is an error naming it. Model paths are
 local checkpoint directories, relative to the current directory (as mergekit reads them); hub names must be
 downloaded first.
 
 moekit's own file is a JSON or YAML object whose keys are `UpcycleOptions` fields (`donors`, `base`,
 `router_init`, `positive_prompts`, ...): the `options` object of an `upcycling.json` is one.
+
+A recipe file is read whole only up to MAX_RECIPE_BYTES, parsed (YAML by libyaml where present, which bounds its
+nesting), then walked once within a budget of values, characters and depth with YAML aliases expanded, before
+anything else walks or formats it: an alias bomb or a 10^5-deep file is a one-line error, never minutes of work.
+Every value is then checked as the command line checks it (`options.options_from_dict`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 
-from moekit.llama.errors import ConfigError
+from moekit.llama.errors import ConfigError, one_line, shown
+from moekit.llama.io import read_bytes
 
-from .options import UpcycleOptions
+from .options import TOKENIZER_SOURCES, UpcycleOptions, options_from_dict, unknown_keys
 
 MERGEKIT_KEYS = ("base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture",
                  "tokenizer_source")
@@ -43,89 +50,116 @@ GATE_MODES = {"hidden": "hidden", "cheap_embed": "cheap-embed", "random": "norma
 DTYPES = {"float32": "fp32", "fp32": "fp32", "float16": "fp16", "fp16": "fp16", "half": "fp16",
           "bfloat16": "bf16", "bf16": "bf16"}
 ARCHITECTURES = {"mixtral": "mixtral", "qwen": "qwen2_moe", "qwen2_moe": "qwen2_moe"}
+MAX_RECIPE_BYTES = 1 << 20  # a recipe file (published ones are a few kB)
+MAX_VALUES = 1_000_000  # values in a recipe, YAML aliases expanded (a 1 MiB file without aliases holds fewer)
+MAX_CHARACTERS = 8 << 20  # characters of all its strings, aliases expanded
+MAX_DEPTH = 32  # levels of nesting (a mergekit-moe recipe has 4)
 
 
 def load(path: str) -> dict:
-    """The JSON or YAML object in `path` (one-line errors)."""
+    """The JSON or YAML object in the recipe file `path` (one-line errors)."""
+    return parse(path, text_of(path, read_bytes(path, "recipe file", MAX_RECIPE_BYTES)))
+
+
+def text_of(path: str, raw: bytes) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: recipe file not found") from None
-    except (UnicodeDecodeError, IsADirectoryError):
-        raise ConfigError(f"{path}: not a text file; expected a YAML or JSON recipe") from None
-    return parse(path, text)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected a YAML or JSON recipe") from None
 
 
 def parse(path: str, text: str) -> dict:
-    """The JSON (a .json path) or YAML object in `text`, read from `path` (one-line errors)."""
-    if path.endswith(".json"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    else:
-        import yaml
+    """The JSON (a .json path) or YAML object in `text`, read from `path`, checked small enough to walk (`check_size`)
+    (one-line errors)."""
+    import yaml
 
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}: not valid YAML ({getattr(e, 'problem', None) or 'syntax error'}{where})") \
-                from None
+    kind = "JSON" if path.endswith(".json") else "YAML"
+    try:
+        data = json.loads(text) if kind == "JSON" else yaml.load(text, Loader=getattr(yaml, "CSafeLoader",
+                                                                                        yaml.SafeLoader))
+    except RecursionError:
+        raise ConfigError(f"{path}: {kind} nested too deeply (a recipe nests at most {MAX_DEPTH} levels)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = one_line(str(getattr(e, "problem", None) or "syntax error"), 120)
+        raise ConfigError(f"{path}: not valid YAML ({problem}{where})") from None
+    except ValueError as e:  # JSON syntax; an integer of thousands of digits
+        raise ConfigError(f"{path}: not valid {kind} ({one_line(str(e), 120)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys (mergekit-moe's base_model, experts, ... or moekit's "
                           "option names)")
+    check_size(path, data)
     return data
+
+
+def check_size(path: str, data: dict) -> None:
+    """Refuse a recipe too large or deep to walk, counting its values and characters with YAML aliases expanded
+    (a "billion laughs" file of a few lines expands to billions), within a budget, before anything walks it or
+    formats it into a message."""
+    values, characters, stack = 1, 0, [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth >= MAX_DEPTH:
+            raise ConfigError(f"{path}: values nested more than {MAX_DEPTH} levels deep; a recipe nests fewer")
+        values += len(value)
+        if values > MAX_VALUES:
+            raise ConfigError(f"{path}: more than {MAX_VALUES:,} values with YAML aliases expanded; a recipe holds "
+                              "fewer")
+        for child in ([*value.keys(), *value.values()] if isinstance(value, dict) else value):
+            if isinstance(child, (str, bytes)):
+                characters += len(child)
+            elif isinstance(child, (dict, list, tuple, set, frozenset)):
+                stack.append((child, depth + 1))
+        if characters > MAX_CHARACTERS:
+            raise ConfigError(f"{path}: more than {MAX_CHARACTERS:,} characters with YAML aliases expanded; a "
+                              "recipe holds fewer")
 
 
 def is_mergekit(data: dict) -> bool:
     return "experts" in data or "base_model" in data
 
 
-def _unknown(path: str, where: str, keys, allowed) -> None:
-    unknown = [k for k in keys if k not in allowed]
-    if unknown:
-        extra = [k for k in unknown if k in NOT_IMPLEMENTED]
-        why = (f"mergekit's {extra[0]} is not implemented by moekit" if extra else
-               f"expected {', '.join(allowed)}")
-        raise ConfigError(f"{path}: unknown key{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} in "
-                          f"{where} ({why})")
-
-
 def _strings(path: str, where: str, value) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{path}: {where} must be a list of strings, got {value!r}"[:300])
+        raise ConfigError(f"{path}: {where} must be a list of strings, got {shown(value)}")
     return value
 
 
 def _model(path: str, where: str, value) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{path}: {where} must be a model path, got {value!r}")
+        raise ConfigError(f"{path}: {where} must be a model path, got {shown(value)}")
     return value
+
+
+def _choice(path: str, data: dict, key: str, table: dict, what: str):
+    """The option value `table` gives for data[key] (a string), or None when the key is absent or null."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in table:
+        raise ConfigError(f"{path}: {key} {shown(value)} {what} {', '.join(table)}")
+    return table[value]
 
 
 def from_mergekit(path: str, data: dict) -> dict:
     """UpcycleOptions fields from a mergekit-moe config."""
-    _unknown(path, "the recipe", data, MERGEKIT_KEYS)
+    unknown_keys(path, "the recipe", data, MERGEKIT_KEYS, NOT_IMPLEMENTED)
     if "base_model" not in data or not data.get("experts"):
         raise ConfigError(f"{path}: a mergekit-moe config needs base_model and a non-empty list of experts")
-    gate = data.get("gate_mode", "hidden")
-    if gate not in GATE_MODES:
-        raise ConfigError(f"{path}: gate_mode {gate!r} is not one of {', '.join(GATE_MODES)}")
+    gate = _choice(path, data, "gate_mode", GATE_MODES, "is not one of") or "hidden"
     experts, shared = data["experts"], data.get("shared_experts") or []
     if not isinstance(experts, list) or not isinstance(shared, list) or len(shared) > 1:
         raise ConfigError(f"{path}: experts must be a list and shared_experts a list of at most one expert")
-    out = {"base": _model(path, "base_model", data["base_model"]), "router_init": GATE_MODES[gate], "donors": [],
+    out = {"base": _model(path, "base_model", data["base_model"]), "router_init": gate, "donors": [],
            "positive_prompts": [], "negative_prompts": []}
     for key, e in [*enumerate(experts), *(("shared", e) for e in shared)]:
         where = f"experts[{key}]" if key != "shared" else "shared_experts[0]"
         if not isinstance(e, dict):
             raise ConfigError(f"{path}: {where} must be a mapping with source_model")
-        _unknown(path, where, e, EXPERT_KEYS)
+        unknown_keys(path, where, e, EXPERT_KEYS, NOT_IMPLEMENTED)
         model = _model(path, f"{where}.source_model", e.get("source_model"))
         if key == "shared":
             out["shared_donor"] = model
@@ -133,23 +167,15 @@ def from_mergekit(path: str, data: dict) -> dict:
             out["donors"].append(model)
         for kind in ("positive", "negative"):
             texts = _strings(path, f"{where}.{kind}_prompts", e.get(f"{kind}_prompts"))
-            if gate != "random":  # mergekit reads prompts only to set gates from them
+            if gate != "normal":  # mergekit reads prompts only to set gates from them
                 out[f"{kind}_prompts"] += [f"{key}:{t}" for t in texts]
     if "experts_per_token" in data:
         out["top_k"] = data["experts_per_token"]
-    if data.get("dtype") is not None:
-        if data["dtype"] not in DTYPES:
-            raise ConfigError(f"{path}: dtype {data['dtype']!r} is not one of {', '.join(DTYPES)}")
-        out["dtype"] = DTYPES[data["dtype"]]
-    if data.get("architecture") is not None:
-        if data["architecture"] not in ARCHITECTURES:
-            raise ConfigError(f"{path}: architecture {data['architecture']!r}: moekit writes "
-                              f"{' or '.join(ARCHITECTURES)}")
-        out["format"] = ARCHITECTURES[data["architecture"]]
-    if data.get("tokenizer_source", "base") != "base":
-        raise ConfigError(f"{path}: tokenizer_source {data['tokenizer_source']!r}: moekit copies the base's "
-                          "tokenizer (tokenizer_source: base)")
-    return {k: v for k, v in out.items() if v != []}
+    out["dtype"] = _choice(path, data, "dtype", DTYPES, "is not one of")
+    out["format"] = _choice(path, data, "architecture", ARCHITECTURES, "is not an architecture moekit writes:")
+    out["tokenizer_source"] = _choice(path, data, "tokenizer_source", dict(zip(TOKENIZER_SOURCES, TOKENIZER_SOURCES)),
+                                      "is not supported yet; moekit implements")
+    return {k: v for k, v in out.items() if v != [] and v is not None}
 
 
 def read_recipe(path: str, overrides: dict | None = None) -> UpcycleOptions:
@@ -158,18 +184,13 @@ def read_recipe(path: str, overrides: dict | None = None) -> UpcycleOptions:
     if is_mergekit(data):
         values = from_mergekit(path, data)
     else:
-        _unknown(path, "the recipe", data, [f.name for f in dataclasses.fields(UpcycleOptions)])
         values = {k: v for k, v in data.items() if k != "config"}  # (an upcycling.json's names its own recipe file)
-    try:
-        return UpcycleOptions(**{**values, **(overrides or {}), "config": path})
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return options_from_dict(values, path, "the recipe", {**(overrides or {}), "config": path})
 
 
 def describe(path: str) -> dict:
     """What upcycling.json records of a recipe file: where it was, its kind, its sha256 and its whole text."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    kind = "mergekit-moe" if is_mergekit(parse(path, raw.decode("utf-8"))) else "moekit"
-    return {"path": os.path.abspath(path), "format": kind, "sha256": hashlib.sha256(raw).hexdigest(),
-            "text": raw.decode("utf-8")}
+    raw = read_bytes(path, "recipe file", MAX_RECIPE_BYTES)
+    text = text_of(path, raw)
+    kind = "mergekit-moe" if is_mergekit(parse(path, text)) else "moekit"
+    return {"path": os.path.abspath(path), "format": kind, "sha256": hashlib.sha256(raw).hexdigest(), "text": text}

@@ -15,6 +15,10 @@ s |x| cos(x, v_k): which experts a token picks (its top k) does not depend on s;
 experts' weights are mixed (the softmax temperature). s = 1 is what mergekit-moe writes, so a published config gives
 the same routing; RMSNorm makes |x| about sqrt(H) times the norm weights, so unit rows already separate experts by
 clear margins in real models; a smaller s mixes the chosen experts more evenly (e.g. before training on).
+
+Prompts are bounded before any work: at most MAX_PROMPTS of each kind and MAX_PROMPT_CHARS characters each
+(`UpcycleOptions`), then at most the model's max_position_embeddings tokens each (one-line errors naming the limit),
+and the forward's memory is estimated before it runs (`llama.io.check_memory`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from moekit.llama.checkpoint import checkpoint_tokenizer
-from moekit.llama.errors import ConfigError
+from moekit.llama.errors import ConfigError, shown
+from moekit.llama.io import check_memory
 from moekit.moe import formats
 
 from .options import UpcycleOptions
@@ -39,15 +44,21 @@ class Prompts:
     signs: list[int]  # [P] +1 positive, -1 negative
 
 
-def tokenize(directory: str, options: UpcycleOptions, vocab_size: int, negatives: bool = True) -> Prompts:
-    """The options' prompts, tokenized with `directory`'s tokenizer.json."""
+def tokenize(directory: str, options: UpcycleOptions, vocab_size: int, negatives: bool = True,
+             max_positions: int | None = None) -> Prompts:
+    """The options' prompts, tokenized with `directory`'s tokenizer.json; a prompt of more than `max_positions`
+    tokens (the model's max_position_embeddings) is a one-line error."""
     why = f"; --router-init {options.router_init} reads the prompts with the base's tokenizer"
     tok = checkpoint_tokenizer(directory, why)
     rows, keys, signs = [], [], []
     for kind, sign in (("positive", 1), ("negative", -1))[:2 if negatives else 1]:
         for key, texts in options.prompts(kind).items():
-            for text in texts:
+            for text in texts:  # each at most MAX_PROMPT_CHARS characters (UpcycleOptions)
                 enc = tok.encode(text, add_special_tokens=True)
+                if max_positions is not None and len(enc.ids) > max_positions:
+                    raise ConfigError(f"--{kind}-prompts: prompt {shown(text, 40)} of expert {key} is "
+                                      f"{len(enc.ids):,} tokens with {directory}/tokenizer.json; the model reads at "
+                                      f"most {max_positions:,} (its max_position_embeddings)")
                 rows.append((enc.ids, [not m for m in enc.special_tokens_mask]))
                 keys.append(key)
                 signs.append(sign)
@@ -64,6 +75,16 @@ def tokenize(directory: str, options: UpcycleOptions, vocab_size: int, negatives
         if not own[[p for p, k in enumerate(keys) if k == key and signs[p] > 0]].any():
             raise ConfigError(f"--positive-prompts: expert {key}'s prompts have no tokens of their own")
     return prompts
+
+
+def check_prompt_memory(prompts: Prompts, checkpoint: StreamedCheckpoint) -> None:
+    """Refuse, before running them, prompts whose one streamed forward (all at once, one layer at a time) would
+    need more memory than the machine has: activations of about 8 H + 3 F fp32 numbers per token."""
+    P, T = prompts.ids.shape
+    cfg = checkpoint.config
+    needed = 4 * P * T * (8 * cfg.hidden_size + 3 * cfg.intermediate_size)
+    check_memory(needed, f"reading {P:,} prompts of up to {T:,} tokens through {checkpoint.source.path}",
+                 "give fewer or shorter prompts")
 
 
 def directions(x: torch.Tensor, prompts: Prompts, scale: float) -> dict:
@@ -85,7 +106,6 @@ def prompt_routers(base: str, options: UpcycleOptions, layers: list[int], vocab_
                    progress: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
     """({layer: router [E, H]}, {layer: shared expert gate [1, H]} or None) in fp32, from the prompts (module
     docstring). Row j of a router is its donor's (j // c) direction, so the c copies of a donor tie."""
-    prompts = tokenize(base, options, vocab_size)
     donor = [j // options.copies for j in range(options.num_experts)]
     per_layer: dict[int, dict] = {}
 
@@ -95,6 +115,8 @@ def prompt_routers(base: str, options: UpcycleOptions, layers: list[int], vocab_
 
     checkpoint = StreamedCheckpoint(base)
     try:
+        prompts = tokenize(base, options, vocab_size, max_positions=checkpoint.config.max_position_embeddings)
+        check_prompt_memory(prompts, checkpoint)
         if options.router_init == "cheap-embed":
             x = checkpoint.get("model.embed_tokens.weight")[prompts.ids].float()  # [P, T, H]
             per_layer = dict.fromkeys(layers, directions(x, prompts, options.router_scale))
@@ -114,7 +136,9 @@ def routing_shares(moe: str, options: UpcycleOptions, progress: bool = False) ->
         return {}
     checkpoint = StreamedCheckpoint(moe)
     try:
-        prompts = tokenize(moe, options, checkpoint.config.vocab_size, negatives=False)
+        prompts = tokenize(moe, options, checkpoint.config.vocab_size, negatives=False,
+                           max_positions=checkpoint.config.max_position_embeddings)
+        check_prompt_memory(prompts, checkpoint)
         keep = [p for p, k in enumerate(prompts.keys) if k != "shared"]
         if not keep:
             return {}

@@ -16,7 +16,7 @@ from moekit.moe import formats
 from moekit.moe.config import MoEConfig
 
 from .options import UpcycleOptions
-from .record import read_record
+from .record import recorded_options
 from .routers import routing_shares
 from .streamed import StreamedCheckpoint
 
@@ -143,8 +143,8 @@ def check_merged(moe: str | os.PathLike, options: UpcycleOptions, tokens: int = 
 def verify_merged(moe: str | os.PathLike, tokens: int = 32, atol: float | None = None, seed: int = 0,
                   progress: bool = False) -> ExpertsResult:
     """`check_merged` of an MoE directory merged from donors, with the donors and prompts of its upcycling.json."""
-    options = read_record(moe).get("options") or {}
-    if not options.get("donors"):
+    options = recorded_options(moe)
+    if options is None or not options.donors:
         raise ConfigError(f"{moe}: not merged from donors (its upcycling.json lists none); compare it with its dense "
                           "source: moekit verify DENSE MOE")
-    return check_merged(moe, UpcycleOptions(**{**options, "config": None}), tokens, atol, seed, progress)
+    return check_merged(moe, options, tokens, atol, seed, progress)
