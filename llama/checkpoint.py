@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, ConfigError, shown
-from .io import MARKER, inside, read_config_json, read_json, write_json
+from .io import MARKER, inside, read_bytes, read_config_json, read_json, write_json
 from .options import parse_size
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -203,14 +203,20 @@ class CheckpointReader:
         self.close()
 
 
+MAX_TOKENIZER_BYTES = 256 << 20  # released tokenizer.json files are at most a few tens of MB
+
+
 def read_tokenizer(path: str):
-    """A tokenizer.json read with the Hugging Face `tokenizers` library; a one-line ConfigError when unreadable."""
+    """A tokenizer.json (a regular file of bounded size) read with the Hugging Face `tokenizers` library; a
+    one-line ConfigError when unreadable."""
     from tokenizers import Tokenizer
 
+    data = read_bytes(path, "tokenizer.json", MAX_TOKENIZER_BYTES)
     try:
-        return Tokenizer.from_file(path)
+        return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # the library raises its own exception types for malformed files
-        raise ConfigError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{path}: not a readable tokenizer.json ({first[:200]})") from None
 
 
 def checkpoint_tokenizer(directory: str, why: str = ""):

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 from .io import config_path, read_config_json
 from .options import check_config_fields, option
 
@@ -67,7 +67,8 @@ class LlamaConfig:
             v = getattr(self, name)
             ids = v if isinstance(v, list) else [v]
             if not all(i is None or (isinstance(i, int) and not isinstance(i, bool)) for i in ids):
-                raise ConfigError(f"config field '{name}' must be a token id, a list of them or null, got {v!r}")
+                raise ConfigError(f"config field '{name}' must be a token id, a list of them or null, got "
+                                  f"{shown(v)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_key_value_heads})")
@@ -76,12 +77,13 @@ class LlamaConfig:
         if self.rope_scaling is not None:
             kind = self.rope_type
             if kind not in ROPE_TYPES:
-                raise ConfigError(f"rope_scaling type '{kind}' is not supported; expected one of "
+                raise ConfigError(f"rope_scaling type {shown(kind)} is not supported; expected one of "
                                   f"{', '.join(ROPE_TYPES)}")
             factor = self.rope_scaling.get("factor")
             if kind != "default" and (isinstance(factor, bool) or not isinstance(factor, (int, float))
                                       or not 0 < factor < float("inf")):
-                raise ConfigError(f"rope_scaling of type '{kind}' needs a positive number 'factor', got {factor!r}")
+                raise ConfigError(f"rope_scaling of type {shown(kind)} needs a positive number 'factor', got "
+                                  f"{shown(factor)}")
 
     @property
     def rope_type(self) -> str:

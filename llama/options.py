@@ -23,7 +23,7 @@ import typing
 from dataclasses import MISSING, field
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 
 MAX_SEED = 2**63 - 1
 
@@ -100,7 +100,7 @@ def check_options(obj) -> None:
             continue
         if many:
             if not isinstance(value, (list, tuple)) or not value:
-                raise ConfigError(f"{name} must be a non-empty list, got {value!r}")
+                raise ConfigError(f"{name} must be a non-empty list, got {shown(value)}")
             for v in value:
                 _check_value(name, v, kind, f.metadata, choices)
         else:
@@ -135,11 +135,11 @@ def _bounds(meta: dict) -> str:
 def _check_value(name: str, v: Any, kind: type, meta: dict, choices: tuple | None) -> None:
     if not _is(v, kind):
         word = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, kind.__name__)
-        raise ConfigError(f"{name} must be {word}, got {v!r}")
+        raise ConfigError(f"{name} must be {word}, got {shown(v)}")
     if kind is float and not math.isfinite(v) and not (meta.get("allow_inf") and v == math.inf):
         raise ConfigError(f"{name} must be a finite number, got {v}")
     if choices is not None and v not in choices:
-        raise ConfigError(f"{name} '{v}' is not one of {', '.join(map(str, choices))}")
+        raise ConfigError(f"{name} {shown(v)} is not one of {', '.join(map(str, choices))}")
     if not _in_range(v, meta):
         raise ConfigError(f"{name} must be {_bounds(meta)}, got {f'{v:g}' if isinstance(v, float) else v}")
 
@@ -158,9 +158,9 @@ def check_config_fields(obj) -> None:
             want = _config_word(kind, f.metadata)
             want = f"a list of {want.removeprefix('a ').removeprefix('an ')}s" if many else want
             raise ConfigError(f"config field '{f.name}' must be {want}{' or null' if optional else ''}, got "
-                              f"{value!r}")
+                              f"{shown(value)}")
         if choices is not None and (bad := next((v for v in values if v not in choices), None)) is not None:
-            raise ConfigError(f"{f.name} '{bad}' is not supported; expected one of {', '.join(map(str, choices))}")
+            raise ConfigError(f"{f.name} {shown(bad)} is not supported; expected one of {', '.join(map(str, choices))}")
 
 
 def _config_word(kind: type, meta: dict) -> str:
@@ -187,7 +187,7 @@ def parse_number(text: str | float) -> float:
         return float(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMBGTP]?)\s*", str(text).upper())
     if not m:
-        raise ValueError(f"not a number: {text!r} (expected e.g. 7B, 6.7e9, 300B, 60e12)")
+        raise ValueError(f"not a number: {shown(text)} (expected e.g. 7B, 6.7e9, 300B, 60e12)")
     return float(m.group(1)) * _SUFFIX[m.group(2)]
 
 
