@@ -446,9 +446,12 @@ def memory_available() -> int | None:
     return None
 
 
-def check_memory(needed: float, what: str, hint: str = "") -> None:
-    """Refuse, before allocating, work estimated to need more memory than the machine has available."""
-    free = memory_available()
+def check_memory(needed: float, what: str, hint: str = "", available: int | None = None,
+                 where: str = "") -> None:
+    """Refuse, before allocating, work estimated to need more memory than is `available` (default: what the
+    machine has available; a GPU's free memory with `where` naming it)."""
+    free = memory_available() if available is None else available
     if free is not None and needed > free:
-        raise ConfigError(f"{what} needs about {needed / 1e9:,.1f} GB of memory; {free / 1e9:,.1f} GB is available"
+        raise ConfigError(f"{what} needs about {needed / 1e9:,.1f} GB of {'GPU ' if where else ''}memory; "
+                          f"{free / 1e9:,.1f} GB is {'free on ' + where if where else 'available'}"
                           f"{'; ' + hint if hint else ''}")

@@ -117,7 +117,7 @@ def _tokenizer_train(args, options: TokenizerOptions) -> int:
 
 
 def _generate(args, options: GenerateOptions) -> int:
-    from moekit.moe.train.sample import complete
+    from moekit.moe.train.sample import complete, for_terminal
 
     texts = complete(options.model, options.prompt, options.max_new_tokens, options.temperature, options.top_k,
                      options.seed)
@@ -125,7 +125,7 @@ def _generate(args, options: GenerateOptions) -> int:
         print(json.dumps([{"prompt": p, "completion": t} for p, t in zip(options.prompt, texts)], indent=1))
     else:
         for p, t in zip(options.prompt, texts):
-            print(f"{p}{t}\n{'-' * 40}")
+            print(f"{for_terminal(p)}{for_terminal(t)}\n{'-' * 40}")
     return 0
 
 
@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets its escape, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     if argv[:3] == ["bench", "gemm", "--"]:  # the older `bench gemm -- OPTIONS` form
         del argv[2]
     name, debug = next((a for a in argv if not a.startswith("-")), ""), "--debug" in argv

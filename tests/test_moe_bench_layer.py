@@ -76,7 +76,7 @@ def test_bench_layer_errors(capsys, monkeypatch):
 
     assert "'megablocks' runs on CUDA only (device cpu)" in error("--only", "megablocks")
     assert "--device must be auto, cpu, cuda or cuda:N; got 'tpu'" in error("--device", "tpu")
-    assert "--tokens must be >= 1, got 0" in error("--tokens", "8", "0")
+    assert "--tokens must be in [1, 2147483648], got 0" in error("--tokens", "8", "0")
     assert "num_experts_per_tok (3) must be at most num_local_experts (2)" in error("--experts", "2", "--top-k", "3")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     err = error("--device", "cuda")

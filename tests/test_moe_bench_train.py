@@ -80,7 +80,7 @@ def test_the_1b_preset_has_about_1b_active_parameters(capsys):
     (["--only", "hf-eager", "hf-grouped_mm"], "--only needs moekit"),
     (["--top-k", "5", "--experts", "4"], "--top-k 5 is greater than --experts 4"),
     (["--heads", "3"], "--heads 3 must divide --hidden 512"),
-    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--batch", "0"], "--batch must be in [1, 2147483648], got 0"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_options_are_one_line(argv, words, capsys):

@@ -78,7 +78,7 @@ def test_missing_paths_are_one_line(argv, words, capsys):
     (["params", "7B", "--price-per-gpu-hour", "inf"], "--price-per-gpu-hour must be a finite number"),
     (["params", "7B", "--shard-degree", "-2"], "--shard-degree must be >= 1, got -2"),
     (["params", "7B", "--tokens", "1T", "--train-flops", "1e20"], "--tokens or --train-flops, not both"),
-    (["bench", "gemm", "--tokens", "-1"], "--tokens must be >= 1, got -1"),
+    (["bench", "gemm", "--tokens", "-1"], "--tokens must be in [1, 2147483648], got -1"),
 ])
 def test_bad_values_are_one_line(argv, words, capsys):
     err = one_line_error(capsys, *argv)

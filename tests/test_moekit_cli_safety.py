@@ -276,3 +276,15 @@ def test_ctrl_c_while_starting_up_prints_no_traceback():
         _, err = child.communicate(timeout=60)
         assert "Traceback" not in err and child.returncode in (0, 130), (delay, child.returncode, err)
         assert child.returncode == 0 or err.endswith("interrupted\n"), err
+
+
+@pytest.mark.slow
+def test_output_to_a_terminal_that_cannot_show_it(tmp_path):
+    from helpers import tiny_checkpoint
+
+    model = tiny_checkpoint(tmp_path / "m")
+    p = subprocess.run([sys.executable, "-m", "moekit", "generate", str(model), "--prompt", "héllo \x1b[2J wörld",
+                        "--max-new-tokens", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stdout.startswith("h\\xe9llo \\x1b[2J w\\xf6rld")  # escaped for the terminal, never raw

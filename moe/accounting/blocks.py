@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from moekit.llama.errors import ConfigError
+from moekit.llama.errors import ConfigError, shown
 
 COMPONENTS = ("embedding", "attention", "dense_ffn", "routed_experts", "shared_experts", "router", "norm",
               "lm_head", "other")
@@ -95,7 +95,12 @@ class Tally:
             if n % E:
                 raise ConfigError(f"{kw.get('target')}: {n} routed-expert parameters do not split evenly into "
                                   f"{E} experts")
-            active += Fraction(n // E * E * min(top_k if k is None else k, E + Z), E + Z)
+            k = top_k if k is None else k
+            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= E + Z:
+                choices = f"{E} routed experts" + (f" + {Z} zero-computation experts" if Z else "")
+                raise ConfigError(f"{kw.get('target')}: top-k (num_experts_per_tok) is {shown(k)}; the router picks "
+                                  f"k of {choices}, so k must be an integer from 1 to {E + Z}")
+            active += Fraction(n // E * E * k, E + Z)
         self.active["routed_experts"] += round(active)
         return ParamCount(total=dict(self.total), active=dict(self.active), buffers=dict(self.buffers), **kw)
 
@@ -104,6 +109,7 @@ class Fields:
     """A config dict read the way transformers reads it, with errors that name the file and field."""
 
     MAX_LAYERS = 100_000  # a bound on layer counts (and on the formulas' per-layer loops)
+    MAX_INT = 2**53  # a bound on every other size: far above any model's, and counts stay exact as floats
 
     def __init__(self, d: dict[str, Any], source: str):
         if not isinstance(d, dict):
@@ -122,11 +128,16 @@ class Fields:
         raise ConfigError(f"{self.source}: required field '{keys[0]}' is missing")
 
     def opt(self, key: str, default: Any, positive: bool = True) -> Any:
-        """An optional field: transformers' default when absent or null; checked when it is an int."""
+        """An optional field: transformers' default when absent or null; checked when the default is an int
+        or None (an optional int such as sliding_window) or a list (of ints, such as mlp_only_layers)."""
         v = self.d.get(key)
         if v is None:
             return default
-        return self._int(key, v, positive) if isinstance(default, int) and not isinstance(default, bool) else v
+        if default is None or (isinstance(default, int) and not isinstance(default, bool)):
+            return self._int(key, v, positive)
+        if isinstance(default, list) and not (isinstance(v, list) and all(_is_int(x) for x in v)):
+            raise ConfigError(f"{self.source}: field '{key}' must be a list of integers, got {shown(v)}")
+        return v
 
     def flag(self, key: str, default: bool) -> bool:
         return bool(self.opt(key, default))
@@ -146,17 +157,23 @@ class Fields:
         if v is None:
             return [default(i) for i in range(L)]
         if not isinstance(v, list) or len(v) < L:
-            raise ConfigError(f"{self.source}: field '{key}' must be a list of {L} layer kinds, got {v!r}")
+            raise ConfigError(f"{self.source}: field '{key}' must be a list of {L} layer kinds, got {shown(v)}")
         return [_LEGACY_LAYER_TYPES.get(x, x) for x in v[:L]]
 
     def _int(self, key: str, v: Any, positive: bool) -> int:
-        if "layers" in key and isinstance(v, int) and v > self.MAX_LAYERS:
+        if _is_int(v) and v > self.MAX_INT:
+            raise ConfigError(f"{self.source}: field '{key}' is {shown(v)}; expected at most 2^53")
+        if "layers" in key and _is_int(v) and v > self.MAX_LAYERS:
             raise ConfigError(f"{self.source}: field '{key}' is {v:,}; moekit counts models of at most "
                               f"{self.MAX_LAYERS:,} layers")
-        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if positive else 0):
+        if not _is_int(v) or v < (1 if positive else 0):
             kind = "a positive" if positive else "a non-negative"
-            raise ConfigError(f"{self.source}: field '{key}' must be {kind} integer, got {v!r}")
+            raise ConfigError(f"{self.source}: field '{key}' must be {kind} integer, got {shown(v)}")
         return v
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # ---- the pieces ---------------------------------------------------------------------------------------------
@@ -227,7 +244,7 @@ def ffn_layers(t: Tally, H: int, kinds: list[str], dense_F: int = 0, E: int = 0,
         elif kind == "dense":
             t.add("dense_ffn", glu(H, dense_F, bias))
         else:  # a layer-type list in the config names something else: counting it as dense would be a guess
-            raise ConfigError(f"FFN layer kind {kind!r} is not known; expected 'dense' or 'sparse'")
+            raise ConfigError(f"FFN layer kind {shown(kind)} is not known; expected 'dense' or 'sparse'")
 
 
 def mamba2(H: int, Di: int, heads: int, groups: int, state: int, conv: int, conv_bias: bool = True,

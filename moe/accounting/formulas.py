@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moekit.llama.errors import ConfigError
+from moekit.llama.errors import ConfigError, shown
 
 from . import formulas_gqa, formulas_hybrid, formulas_mla, formulas_moe
 from .blocks import COMPONENTS, Arch, Fields, ParamCount, Tally, core, finish, glu, gqa, linear, routed
@@ -143,7 +143,7 @@ def count_config(config: Any, target: str = "config", source: str = "config") ->
         config = config.to_dict()
     mt = config.get("model_type")
     if not isinstance(mt, str):
-        raise ConfigError(f"{target}: field 'model_type' must be a string, got {mt!r}")
+        raise ConfigError(f"{target}: field 'model_type' must be a string, got {shown(mt)}")
     if mt == "moe":
         return count_config(_moe_config_class().from_dict(config, source=target), target, source)
     text = config.get("text_config")
@@ -151,17 +151,17 @@ def count_config(config: Any, target: str = "config", source: str = "config") ->
             text["model_type"] in FORMULAS:
         count = count_config(text, f"{target}: text_config", source)  # e.g. Llama 4's llama4 -> llama4_text
         count.target = target
-        count.notes.append(f"model_type {mt!r}: the language model (text_config, model_type "
+        count.notes.append(f"model_type {shown(mt)}: the language model (text_config, model_type "
                            f"{text['model_type']!r}) only; the vision encoder and projector are not counted")
         return count
     if mt not in FORMULAS:
-        raise ConfigError(f"{target}: model_type {mt!r} is not supported; expected one of "
+        raise ConfigError(f"{target}: model_type {shown(mt)} is not supported; expected one of "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     t = Tally()
     tied, arch, k = FORMULAS[mt](Fields(config, target), t, mt)
     count = t.result(k, target=target, source=source, tied=tied, arch=arch, model_type=mt)
     mtp = config.get("num_nextn_predict_layers") or config.get("num_mtp_modules") or 0
     if mtp:
-        count.notes.append(f"{mtp} multi-token-prediction layer(s) that a checkpoint may also store are not counted "
+        count.notes.append(f"{shown(mtp)} multi-token-prediction layer(s) that a checkpoint may also store are not counted "
                            "(transformers does not build them; some publishers include them)")
     return count

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from moekit.llama.errors import ConfigError
+from moekit.llama.errors import ConfigError, shown
 
 from .blocks import Fields, Tally, attention_arch, core, ffn_layers, finish, gqa, linear, mamba2, sparse_kinds
 
@@ -125,7 +125,7 @@ def nemotron_h(c: Fields, t: Tally, mt: str):
     pattern = c.opt("hybrid_override_pattern", "ME*-")  # transformers' default: one block of each kind
     if not isinstance(pattern, str) or any(ch not in _NEMOTRON_BLOCKS for ch in pattern):
         raise ConfigError(f"{c.source}: field 'hybrid_override_pattern' must be a string of M, *, - and E, got "
-                          f"{pattern!r}")
+                          f"{shown(pattern)}")
     default = [_NEMOTRON_BLOCKS[ch] for ch in pattern]
     key = "layer_types" if "layer_types" in c.d else "layers_block_type"
     kinds = c.per_layer(key, len(c.d.get(key) or default), lambda i: default[i])

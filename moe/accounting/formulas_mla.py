@@ -7,6 +7,8 @@ experts).
 
 from __future__ import annotations
 
+from moekit.llama.errors import ConfigError, shown
+
 from .blocks import Arch, Fields, Tally, ffn_layers, finish, glu, linear, mla, routed
 
 # transformers' defaults where config.json leaves them out: (q_lora_rank, first_k_dense_replace, n_shared_experts)
@@ -35,6 +37,9 @@ def _indexer(c: Fields, t: Tally, H: int, L: int, mt: str) -> None:
 
 def _dsa_indexer_kind(c: Fields, i: int) -> str:
     pattern = c.d.get("index_topk_pattern")
+    if pattern is not None and (not isinstance(pattern, str) or len(pattern) <= i):
+        raise ConfigError(f"{c.source}: field 'index_topk_pattern' must be a string of F and S, one per layer, got "
+                          f"{shown(pattern)}")
     if pattern is not None:
         return {"F": "full", "S": "shared"}.get(pattern[i], pattern[i])
     freq, offset = max(c.opt("index_topk_freq", 1), 1), c.opt("index_skip_topk_offset", 2, positive=False)

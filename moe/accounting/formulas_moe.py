@@ -5,6 +5,8 @@ class's field names and defaults; the per-layer dense / routed pattern follows t
 
 from __future__ import annotations
 
+from moekit.llama.errors import ConfigError, shown
+
 from .blocks import (
     Arch,
     Fields,
@@ -108,8 +110,8 @@ def ernie4_5_moe(c: Fields, t: Tally, mt: str):
     E, k = c.req("moe_num_experts", "num_experts"), c.req("moe_k", "num_experts_per_tok")
     Fe, bias = c.req("moe_intermediate_size"), c.flag("use_bias", False)
     start, interval = c.opt("moe_layer_start_index", 1, positive=False), c.opt("moe_layer_interval", 1)
-    end = c.d.get("moe_layer_end_index", -1)
-    end = L - 1 if end in (-1, None) else end
+    end = None if c.d.get("moe_layer_end_index") == -1 else c.opt("moe_layer_end_index", None, positive=False)
+    end = L - 1 if end is None else end
     kinds = sparse_kinds(L, lambda i: (i + 1) % interval == 0 and start <= i <= end)
     t.add("attention", gqa(H, N, K, D, bias, bias), L)
     t.add("norm", 2 * H, L)
@@ -126,6 +128,9 @@ def hunyuan_v1_moe(c: Fields, t: Tally, mt: str):
     E, F = c.req("num_experts", "num_local_experts"), c.req("intermediate_size")
     topk = c.d.get("moe_topk", c.d.get("num_experts_per_tok", 1))
     ks = topk[:L] if isinstance(topk, list) else [topk] * L
+    if len(ks) < L or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
+        raise ConfigError(f"{c.source}: field 'moe_topk' must be a positive integer or a list of one per layer, "
+                          f"got {shown(topk)}")
     ab = c.flag("attention_bias", False)
     t.add("attention", gqa(H, N, K, D, ab, ab), L)
     t.add("norm", 2 * H + 2 * D, L)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from moekit.llama.errors import SHOWN, shown
+
 from .cost import DTYPE_BYTES, Figure, Report
 from .formulas import COMPONENTS, ParamCount
 
@@ -15,6 +17,12 @@ def fmt_value(f: Figure) -> str:
     if f.unit == "days":
         return f"{f.value:,.1f} days" if not float(f.value).is_integer() else f"{int(f.value):,} days"
     return f"${f.value:,.2f}"
+
+
+def plain(value) -> str:
+    """A name from the command line or a file (target, model_type) as the table shows it: as it is when short and
+    printable, else escaped and cut by `shown` (a newline or terminal escape never reaches the terminal)."""
+    return value if isinstance(value, str) and len(value) <= SHOWN and value.isprintable() else shown(value)
 
 
 def _b(n: int) -> str:
@@ -64,7 +72,7 @@ def render_table(report: Report, explain: bool = False) -> str:
     c = report.count
     T, A = c.total_params, c.active_params
     source = "bare count" if c.source == "number" else c.source
-    head = f"{c.target} ({source}{', model_type ' + c.model_type if c.model_type else ''})"
+    head = f"{plain(c.target)} ({source}{', model_type ' + plain(c.model_type) if c.model_type else ''})"
     lines = [f"{head}: {T:,} parameters ({_b(T)}), {A:,} active per token ({_b(A)})", ""]
     if c.source != "number":
         lines.append(f"{'component':<16}{'total':>18}{'share':>8}{'active':>18}{'share':>8}")

@@ -26,7 +26,7 @@ from torch import nn
 
 from moekit.llama.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, CheckpointReader
 from moekit.llama.config import LLAMA_PRESETS, LlamaConfig
-from moekit.llama.errors import CheckpointError, ConfigError
+from moekit.llama.errors import CheckpointError, ConfigError, shown
 from moekit.llama.io import read_config_json
 from moekit.llama.options import parse_number
 from moekit.moe.config import MOE_PRESETS, MoEConfig
@@ -48,6 +48,7 @@ _EXPERT_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)\..*?\bexperts\.(
 EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "moe_top_k",
                 "top_k_experts")
+MAX_COUNT = 1e18  # a bare count larger than this is a typo (the largest models have about 10^12 parameters)
 
 
 def classify(name: str) -> str | None:
@@ -133,20 +134,20 @@ def count_checkpoint(path: str | os.PathLike) -> ParamCount:
             comp = "other"  # one vector for the whole layer (JetMoE's output bias), not one per expert
         if comp == "routed_experts":
             if not E:
-                raise ConfigError(f"{cfg_path}: tensor '{name}' is a routed expert, but config.json names no "
+                raise ConfigError(f"{cfg_path}: tensor {shown(name)} is a routed expert, but config.json names no "
                                   f"expert count ({' / '.join(EXPERT_FIELDS)})")
             m = _EXPERT_INDEX.search(name)
             if m:
                 experts_seen.setdefault(m.group(1), set()).add(int(m.group(2)))
             elif len(shape) == 3 and shape[0] != E:
-                raise CheckpointError(f"{path}: stacked expert tensor '{name}' has {shape[0]} experts, "
+                raise CheckpointError(f"{path}: stacked expert tensor {shown(name)} has {shape[0]} experts, "
                                       f"config.json says {E}")
             t.add_routed(math.prod(shape), E, zero_experts=Z)
         else:
             t.add(comp, math.prod(shape))
     for layer, idx in experts_seen.items():
         if len(idx) != E:
-            raise CheckpointError(f"{path}: layer {layer} stores {len(idx)} experts, config.json says {E}")
+            raise CheckpointError(f"{path}: layer {shown(layer)} stores {len(idx)} experts, config.json says {E}")
     if t.routed and not k:
         raise ConfigError(f"{cfg_path}: routed experts found but no top-k: field 'num_experts_per_tok' is missing "
                           f"(also looked for {', '.join(TOP_K_FIELDS[1:])})")
@@ -156,7 +157,7 @@ def count_checkpoint(path: str | os.PathLike) -> ParamCount:
     if formula is None:
         how = (f"routed experts by name and shape (experts.N.* or stacked [E, ...]; E = {E} and k = {k} from "
                "config.json)" if t.routed else "no routed experts found")
-        count.notes.append(f"model_type {d.get('model_type')!r} has no formula: total exact from the safetensors "
+        count.notes.append(f"model_type {shown(d.get('model_type'))} has no formula: total exact from the safetensors "
                            f"headers; components classified by tensor name, {how}; no attention FLOPs or KV cache")
     return count
 
@@ -219,7 +220,7 @@ def count_module(module: nn.Module, config: Any = None, top_k: int | None = None
             if comp == "routed_experts" or stacked:
                 E = p.shape[0] if stacked else (E_cfg or getattr(mod, "num_experts", None))
                 if not E:
-                    raise ConfigError(f"{target}: parameter '{name}' is a routed expert, but neither the config "
+                    raise ConfigError(f"{target}: parameter {shown(name)} is a routed expert, but neither the config "
                                       "nor the module gives the expert count")
                 t.add_routed(p.numel(), E, zero_experts=Z)
             else:
@@ -259,14 +260,17 @@ def count_params(target: Any, top_k: int | None = None) -> ParamCount:
     if key in MOE_PRESETS:
         return count_config(MoEConfig.from_name(key), s, "preset")
     try:
-        n = round(parse_number(s))
+        n = parse_number(s)
     except ValueError:
         n = 0
+    if not 0 <= n <= MAX_COUNT:  # 1e400 parses as infinity
+        raise ConfigError(f"{shown(s)}: a parameter count must be a finite number of at most {MAX_COUNT:.0e}")
+    n = round(n)
     if n > 0:
         return ParamCount(target=s, source="number", total={"other": n}, active={"other": n},
                           notes=["a bare count: every parameter taken as an active matmul weight; no attention "
                                  "FLOPs or KV cache"])
     if os.sep in s or s.endswith(".json"):
-        raise ConfigError(f"{s}: no such file or directory")
-    raise ConfigError(f"'{s}' is not a checkpoint directory, config.json, preset or parameter count (e.g. 7B); "
+        raise ConfigError(f"{shown(s)}: no such file or directory")
+    raise ConfigError(f"{shown(s)} is not a checkpoint directory, config.json, preset or parameter count (e.g. 7B); "
                       f"presets: {', '.join(preset_names())}")

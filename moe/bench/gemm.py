@@ -7,7 +7,8 @@ Sections (M = T*k token copies, routed uniformly at random over E experts):
   decode   (--decode) small T, forward only: the per-copy matrix-vector path against the grouped one
 forward+backward counts 3x the forward flops (our backward also recomputes gate/up, which is not counted).
 Defaults are Mixtral-8x7B's experts (H=4096, F=14336, E=8, top-2), bf16, 4k/16k/64k tokens. On CPU it runs the
-torch rows only (use small shapes); the Triton rows need CUDA.
+torch rows only (use small shapes); the Triton rows need CUDA. A size whose estimated memory (`gemm_memory`) the
+device does not have is refused before anything is allocated.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from moekit.kernels import dispatch, reference
 from moekit.llama.checkpoint import dtype_from_name
 from moekit.llama.io import check_output_file, check_parents, write_json_atomic
 
+from .layer import has_megablocks, resolve_device
 from .options import GemmBenchOptions
-from .timing import device_name, git_commit, median_time
+from .timing import check_device_memory, device_name, git_commit, median_time
 
 
 def _step(fn, inputs, backward: bool):
@@ -128,11 +130,26 @@ def _table(rows) -> str:
     return "\n".join(lines)
 
 
+def gemm_memory(T: int, H: int, F: int, E: int, k: int, element_bytes: int, megablocks: bool = False) -> int:
+    """Bytes `measure` needs at most, estimated before it allocates anything: the experts' weights and their
+    gradients, 2·3·E·H·F (and with `megablocks` its copy, 3·E·H·F); the dense limit's weights and
+    gradients, 2·5·H·F; at the largest T, with M = T·k token copies, the inputs and their gradients
+    (2·T·H + 4·M·H: x, the permuted and the repeated copies) and one pass's activations and their gradients,
+    2·M·(2·H + 3·F) (gate/up, SwiGLU and down outputs)."""
+    M = T * k
+    weights = (2 + megablocks) * 3 * E * H * F + 10 * H * F
+    return element_bytes * (weights + 2 * T * H + 4 * M * H + 2 * M * (2 * H + 3 * F))
+
+
 def measure(args: GemmBenchOptions) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype = dtype_from_name(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     on_cuda = device.type == "cuda"
     E, H, Fw, k = args.experts, args.hidden, args.ffn, args.top_k
+    T = max(args.tokens)
+    check_device_memory(gemm_memory(T, H, Fw, E, k, dtype.itemsize, on_cuda and has_megablocks()), device,
+                        f"bench gemm at T={T} H={H} F={Fw} E={E} k={k} {str(dtype).removeprefix('torch.')}",
+                        "give smaller --tokens, --hidden, --ffn or --experts")
     torch.manual_seed(args.seed)
     rows = []
     for T in args.tokens:

@@ -45,7 +45,7 @@ from moekit.moe.config import MoEConfig
 from moekit.moe.layer import MoEFeedForward
 
 from .options import CONTENDERS, LayerBenchOptions
-from .timing import environment, time_once
+from .timing import check_device_memory, environment, time_once
 
 PEERS = ("hf-grouped_mm", "megablocks", "hf-eager")  # what moekit's speed-up is reported against
 def has_megablocks() -> bool:
@@ -141,6 +141,19 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
+def layer_memory(H: int, F: int, E: int, k: int, T: int, element_bytes: int, contenders: Sequence[str]) -> int:
+    """Bytes bench_layer needs at most, estimated before it allocates anything: every routed contender's own router
+    and experts (H·E + 3·E·H·F each; moekit's are built whether timed or not), the dense-equivalent SwiGLU
+    (3·H·k·F), one contender's gradients of those (gradients are dropped after each run); and at the largest T the
+    input and output gradient (2·T·H) plus one forward+backward's activations and their gradients,
+    2·T·k·(2·H + 3·F) (the token copies, their gate/up, SwiGLU and down outputs)."""
+    experts = H * E + 3 * E * H * F
+    copies = 1 + sum(c not in ("moekit", "dense-equivalent") for c in contenders)
+    dense = 3 * H * k * F if "dense-equivalent" in contenders else 0
+    activations = 2 * T * H + 2 * T * k * (2 * H + 3 * F)
+    return element_bytes * (copies * experts + dense + max(experts, dense) + activations)
+
+
 def bench_layer(hidden_size: int = 1024, intermediate_size: int = 2816, num_experts: int = 8, top_k: int = 2,
                 tokens: int | Sequence[int] = 4096, dtype: torch.dtype | None = None, repeats: int | None = None,
                 warmup: int | None = None, contenders: Sequence[str] | None = None, seed: int = 0,
@@ -158,6 +171,11 @@ def bench_layer(hidden_size: int = 1024, intermediate_size: int = 2816, num_expe
     explicit, contenders = contenders is not None, tuple(contenders or default_contenders(device))
     check_contenders(contenders, device)
     sizes = (tokens,) if isinstance(tokens, int) else tuple(tokens)
+    needed = layer_memory(hidden_size, intermediate_size, num_experts, top_k, max(sizes), dtype.itemsize,
+                          contenders)
+    check_device_memory(needed, device, f"bench layer at H={hidden_size} F={intermediate_size} E={num_experts} "
+                        f"k={top_k} T={max(sizes)} {str(dtype).removeprefix('torch.')}",
+                        "give smaller --tokens, --hidden, --ffn or --experts")
     torch.manual_seed(seed)
     config = MoEConfig(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=1,
                        num_attention_heads=1, num_local_experts=num_experts, num_experts_per_tok=top_k, vocab_size=8)

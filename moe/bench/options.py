@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -14,6 +15,15 @@ LAYER_PRESETS = {  # option values a preset sets (options given as well override
     "mixtral": dict(hidden=4096, ffn=14336, experts=8, top_k=2, dtype="bf16", tokens=[4096, 16384, 65536]),
 }
 Dtype = Literal["fp32", "bf16", "fp16"]
+MAX_SIZE = 2**31  # a bound on every shape option: memory estimates stay exact and printable (they refuse far below)
+MAX_LAYERS = 100_000
+
+
+def check_threads(threads: int | None) -> None:
+    """Refuse --threads above this machine's cores (torch's thread pool crashes far above them)."""
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > cores:
+        raise ConfigError(f"--threads {threads} is more than this machine's {cores} cores; expected 1 to {cores}")
 
 
 @dataclass
@@ -28,11 +38,13 @@ class LayerBenchOptions:
     preset: Literal[tuple(LAYER_PRESETS)] | None = option(
         None, "mixtral: Mixtral-8x7B's experts, H=4096 F=14336 E=8 k=2, bf16, 4096 16384 65536 tokens (options given "
         "as well override it)")
-    hidden: int | None = option(None, "H", metavar="H", min=1, default_text="1024")
-    ffn: int | None = option(None, "expert width F", metavar="F", min=1, default_text="2816")
-    experts: int | None = option(None, "E", metavar="E", min=1, default_text="8")
-    top_k: int | None = option(None, "k", metavar="K", min=1, default_text="2")
-    tokens: list[int] | None = option(None, "token counts, one table each", metavar="T", min=1, default_text="4096")
+    hidden: int | None = option(None, "H", metavar="H", min=1, max=MAX_SIZE, default_text="1024")
+    ffn: int | None = option(None, "expert width F", metavar="F", min=1, max=MAX_SIZE,
+                             default_text="2816")
+    experts: int | None = option(None, "E", metavar="E", min=1, max=MAX_SIZE, default_text="8")
+    top_k: int | None = option(None, "k", metavar="K", min=1, max=MAX_SIZE, default_text="2")
+    tokens: list[int] | None = option(None, "token counts, one table each", metavar="T", min=1, max=MAX_SIZE,
+                                      default_text="4096")
     dtype: Dtype | None = option(None, "precision", default_text="fp32 on CPU, bf16 on CUDA")
     device: str = option("auto", "auto (cuda if torch sees a GPU, else cpu), cpu, cuda, cuda:N")
     repeats: int | None = option(None, "timed runs of each contender, round robin", metavar="N", min=1,
@@ -47,6 +59,7 @@ class LayerBenchOptions:
 
     def __post_init__(self):
         check_options(self)
+        check_threads(self.threads)
 
     def layer_kwargs(self) -> dict:
         """bench_layer's keyword arguments: the preset's values, then the options given (None: not given)."""
@@ -64,11 +77,11 @@ class GemmBenchOptions:
     forward and forward+backward (Triton rows on CUDA; torch rows on CPU)."""
 
     tokens: list[int] = option(default_factory=lambda: [4096, 16384, 65536], help="token counts T", metavar="T",
-                               min=1)
-    hidden: int = option(4096, "H", metavar="H", min=1)
-    ffn: int = option(14336, "expert width F", metavar="F", min=1)
-    experts: int = option(8, "E", metavar="E", min=1)
-    top_k: int = option(2, "k", metavar="K", min=1)
+                               min=1, max=MAX_SIZE)
+    hidden: int = option(4096, "H", metavar="H", min=1, max=MAX_SIZE)
+    ffn: int = option(14336, "expert width F", metavar="F", min=1, max=MAX_SIZE)
+    experts: int = option(8, "E", metavar="E", min=1, max=MAX_SIZE)
+    top_k: int = option(2, "k", metavar="K", min=1, max=MAX_SIZE)
     dtype: Dtype | None = option(None, "precision", default_text="bf16 on CUDA, fp32 on CPU")
     device: str | None = option(None, "cpu or cuda", default_text="cuda if available")
     sections: list[Literal["gemm", "experts"]] = option(default_factory=lambda: ["gemm", "experts"],
@@ -77,7 +90,7 @@ class GemmBenchOptions:
                                                      help="passes to time")
     decode: bool = option(False, "also time the small-token path (CUDA)")
     decode_tokens: list[int] = option(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], help="token counts of "
-                                      "--decode", metavar="T", min=1)
+                                      "--decode", metavar="T", min=1, max=MAX_SIZE)
     iters: int = option(10, "timed runs", metavar="N", min=1)
     warmup: int = option(3, "untimed runs first", metavar="N", min=0)
     seed: int = option(0, "seed of the random inputs", metavar="N", min=0, max=MAX_SEED)
@@ -113,16 +126,23 @@ class TrainBenchOptions:
     preset: Literal[tuple(TRAIN_PRESETS)] | None = option(
         None, "1b: about 1B active parameters (12 layers, H=2048, F=5632, 8 experts top-2, 16 heads / 8 KV, "
         "vocabulary 32000, batch 8 x 2048, bf16); options given as well override it")
-    layers: int | None = option(None, "decoder layers (all MoE)", metavar="L", min=1, default_text="4")
-    hidden: int | None = option(None, "H", metavar="H", min=1, default_text="512")
-    ffn: int | None = option(None, "expert width F", metavar="F", min=1, default_text="1408")
-    experts: int | None = option(None, "E", metavar="E", min=1, default_text="8")
-    top_k: int | None = option(None, "k", metavar="K", min=1, default_text="2")
-    heads: int | None = option(None, "attention heads", metavar="N", min=1, default_text="8")
-    kv_heads: int | None = option(None, "key/value heads", metavar="N", min=1, default_text="2")
-    vocab: int | None = option(None, "vocabulary size", metavar="V", min=2, default_text="8192")
-    batch: int | None = option(None, "sequences per step", metavar="B", min=1, default_text="8")
-    seq_len: int | None = option(None, "tokens per sequence", metavar="S", min=2, default_text="256")
+    layers: int | None = option(None, "decoder layers (all MoE)", metavar="L", min=1, max=MAX_LAYERS,
+                                default_text="4")
+    hidden: int | None = option(None, "H", metavar="H", min=1, max=MAX_SIZE, default_text="512")
+    ffn: int | None = option(None, "expert width F", metavar="F", min=1, max=MAX_SIZE,
+                             default_text="1408")
+    experts: int | None = option(None, "E", metavar="E", min=1, max=MAX_SIZE, default_text="8")
+    top_k: int | None = option(None, "k", metavar="K", min=1, max=MAX_SIZE, default_text="2")
+    heads: int | None = option(None, "attention heads", metavar="N", min=1, max=MAX_SIZE,
+                               default_text="8")
+    kv_heads: int | None = option(None, "key/value heads", metavar="N", min=1, max=MAX_SIZE,
+                                  default_text="2")
+    vocab: int | None = option(None, "vocabulary size", metavar="V", min=2, max=MAX_SIZE,
+                               default_text="8192")
+    batch: int | None = option(None, "sequences per step", metavar="B", min=1, max=MAX_SIZE,
+                               default_text="8")
+    seq_len: int | None = option(None, "tokens per sequence", metavar="S", min=2, max=MAX_SIZE,
+                                 default_text="256")
     dtype: Literal["fp32", "bf16"] | None = option(None, "parameters, activations and AdamW states",
                                                    default_text="fp32")
     device: str = option("auto", "auto (cuda if torch sees a GPU, else cpu), cpu, cuda, cuda:N")
@@ -146,6 +166,7 @@ class TrainBenchOptions:
 
     def __post_init__(self):
         check_options(self)
+        check_threads(self.threads)
 
     def model_kwargs(self) -> dict:
         """The defaults, then the preset's values, then the options given."""

@@ -1,5 +1,6 @@
-"""What every benchmark shares: timing one call (CUDA events on GPU), the median of many, and a record of
-where the numbers were taken (device, versions, commit)."""
+"""What every benchmark shares: timing one call (CUDA events on GPU), the median of many, a record of where the
+numbers were taken (device, versions, commit), and the refusal of a size whose estimated memory the device does not
+have, before anything is allocated."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from moekit.llama.io import package_version
+from moekit.llama.io import check_memory, package_version
 
 
 def time_once(fn: Callable[[], object], device: torch.device) -> float:
@@ -60,3 +61,11 @@ def environment(device: torch.device) -> dict:
                 cuda=torch.version.cuda, triton=package_version("triton"),
                 transformers=package_version("transformers"), megablocks=package_version("megablocks"),
                 commit=git_commit(), machine=f"{platform.machine()}, {platform.processor() or platform.system()}")
+
+
+def check_device_memory(needed: float, device: torch.device, what: str, hint: str = "") -> None:
+    """Refuse, before allocating, work estimated to need `needed` bytes on `device`: more than the GPU's free
+    memory (torch.cuda.mem_get_info) on CUDA, more than the machine's available memory (check_memory) on CPU."""
+    if device.type != "cuda":
+        return check_memory(needed, what, hint)
+    check_memory(needed, what, hint, available=torch.cuda.mem_get_info(device)[0], where=str(device))

@@ -22,7 +22,8 @@ torch.profiler, per pass: `matmul_s` the self time of the GEMM ops (aten::mm, ad
 products (elementwise ops, routing, permutations, losses, allocation, Python);
 `non_gemm_s` adds the optimizer. The summary line compares moekit with transformers' fastest implementation here:
 its speed (`moekit_speedup`, step time ratio) and its model_non_gemm_s as a multiple of that one's
-(`non_gemm_ratio`).
+(`non_gemm_ratio`). A size whose estimated memory (`train_memory`) the device does not have is refused before
+anything is allocated.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ import torch
 from moekit.llama.checkpoint import dtype_from_name
 from moekit.llama.errors import MoekitError
 from moekit.moe.accounting.cost import device_peak_flops, train_flops_per_token
+from moekit.moe.accounting.sources import count_params
 from moekit.moe.config import MoEConfig
 from moekit.moe.formats import hf_config_dict
 from moekit.moe.model import MoEForCausalLM
 
 from .layer import resolve_device
 from .options import TrainBenchOptions
-from .timing import environment, time_once
+from .timing import check_device_memory, environment, time_once
 
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm",
             "aten::addmv", "aten::mv", "aten::dot"}
@@ -139,6 +141,16 @@ def summarise(profiles: list[dict]) -> dict:
             "top_ops": [[key, round(sec, 6), count] for key, (sec, count) in top]}
 
 
+def train_memory(config: MoEConfig, contenders: int, batch: int, seq_len: int, element_bytes: int) -> int:
+    """Bytes bench_train needs at most, estimated before it allocates anything: each contender's model, gradients
+    and AdamW m and v, 4·P (P the model's parameters, by moekit's accounting), and one step's activations with
+    their gradients, 2·B·S·(L·(8·H + k·(2·H + 3·F)) + 2·V)."""
+    c = config
+    per_token = c.num_hidden_layers * (8 * c.hidden_size + c.num_experts_per_tok * (
+        2 * c.hidden_size + 3 * c.moe_intermediate_size)) + 2 * c.vocab_size
+    return element_bytes * (4 * count_params(c).total_params * contenders + 2 * batch * seq_len * per_token)
+
+
 def bench_train(layers: int = 4, hidden: int = 512, ffn: int = 1408, experts: int = 8, top_k: int = 2,
                 heads: int = 8, kv_heads: int = 2, vocab: int = 8192, batch: int = 8, seq_len: int = 256,
                 dtype: str = "fp32", device: str | torch.device = "auto", repeats: int | None = None,
@@ -154,6 +166,10 @@ def bench_train(layers: int = 4, hidden: int = 512, ffn: int = 1408, experts: in
         raise MoekitError(f"bench train compares moekit with transformers: --only needs moekit and at least one "
                           f"hf-* contender, got {' '.join(names)}")
     config = moe_config(layers, hidden, ffn, experts, top_k, heads, kv_heads, vocab, seq_len)
+    check_device_memory(train_memory(config, len(names), batch, seq_len, dtype_from_name(dtype).itemsize), device,
+                        f"bench train of {len(names)} models of {layers} layers H={hidden} F={ffn} E={experts} "
+                        f"V={vocab}, batch {batch}x{seq_len} {dtype}",
+                        "give smaller --layers, --hidden, --ffn, --experts, --vocab, --batch or --seq-len")
     torch.manual_seed(seed)
     with torch.device(device):
         ours = MoEForCausalLM(config).to(dtype_from_name(dtype)).train()
