@@ -36,7 +36,26 @@ def test_a_preset_is_seeded_and_another_model_type_is_one_line(tmp_path):
 def test_final_lr_of_a_run_and_of_the_model_it_was_upcycled_from(tmp_path):
     (tmp_path / "dense").mkdir()
     (tmp_path / "dense" / "train_config.json").write_text(json.dumps({"schedule": {"final_lr": 3e-4}}))
+    (tmp_path / "moe").mkdir()  # the upcycler records the dense run's final lr in the MoE's own upcycling.json
+    (tmp_path / "moe" / "upcycling.json").write_text(json.dumps({"source": str(tmp_path / "dense"),
+                                                                 "source_final_lr": 2e-4}))
+    assert source_final_lr(str(tmp_path / "dense")) == 3e-4 and source_final_lr(str(tmp_path / "moe")) == 2e-4
+    assert source_final_lr(None) is None and source_final_lr(str(tmp_path)) is None
+
+
+def test_a_recorded_source_is_never_followed(tmp_path):
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "train_config.json").write_text(json.dumps({"schedule": {"final_lr": 3e-4}}))
     (tmp_path / "moe").mkdir()
     (tmp_path / "moe" / "upcycling.json").write_text(json.dumps({"source": str(tmp_path / "dense")}))
-    assert source_final_lr(str(tmp_path / "dense")) == 3e-4 and source_final_lr(str(tmp_path / "moe")) == 3e-4
-    assert source_final_lr(None) is None and source_final_lr(str(tmp_path)) is None
+    assert source_final_lr(str(tmp_path / "moe")) is None  # no "source_final_lr" of its own
+
+
+@pytest.mark.parametrize("value", [1e30, 0, -1e-3, "3e-4", True, [1e-4], 10**400])
+def test_a_recorded_learning_rate_is_checked_as_lr_is(tmp_path, value):
+    (tmp_path / "upcycling.json").write_text(json.dumps({"source_final_lr": value}))
+    with pytest.raises(MoekitError, match="upcycling.json: source_final_lr .* expected a number in \\(0, 1\\]"):
+        source_final_lr(str(tmp_path))
+    (tmp_path / "train_config.json").write_text(json.dumps({"schedule": {"final_lr": value}}))
+    with pytest.raises(MoekitError, match="train_config.json: schedule.final_lr"):
+        source_final_lr(str(tmp_path))

@@ -7,7 +7,9 @@
     optim      AdamW (routers at their own lr, frozen non-experts) and the warmup + cosine schedule
     metrics    what a log line holds: losses, perplexity, MFU, per-layer expert use; trackers
     state      OUT.partial, the training state, --resume
-    source     what is trained: a checkpoint directory or a preset (`load_model`)
+    source     what is trained: a checkpoint directory or a preset (`load_model`), its data and schedule
+    budget     the memory a run needs, estimated before anything large is allocated
+    resume     continuing an interrupted run: its options, the newest state that loads, the command
     loop       the loop itself, in phases: set up or resume, step, log, evaluate, save, publish OUT
     plot       PNG plots of runs (`moekit plot`)
     sample     completions from a checkpoint with its own tokenizer (`moekit generate`)

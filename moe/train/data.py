@@ -8,6 +8,10 @@ generator seeded by (seed, step) only, so they do not depend on how the step is 
 processes: batch 4 x accum 1 and batch 2 x accum 2 see the same four sequences, and two processes of batch 2
 see, micro-batch by micro-batch, what one process of batch 4 sees. Validation windows are evenly
 spaced and the same at every evaluation.
+
+Text must be UTF-8 (an error names the file and line otherwise); lone surrogates that a .jsonl escapes (`"\ud800"`)
+become U+FFFD. A token cache that is not a 1-D array of ids below the vocabulary size is rebuilt, never used; a
+cache that cannot be written (a full disk, a read-only home) is one line naming the path, no temporary left.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator
 
@@ -22,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moekit.llama.errors import ConfigError
+from moekit.llama.errors import CheckpointError, ConfigError, shown
 from moekit.llama.io import file_sha256
 
 BUILTIN = ("builtin:arith", "builtin:python-stdlib", "builtin:python-stdlib-val")
@@ -34,6 +39,8 @@ VAL_FRACTION = 0.05
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java",
                  ".js", ".ts", ".html", ".css", ".tex", ".sh", ".toml", ".yaml", ".yml", ".json", ".csv")
 _CACHE_VERSION = "1"
+FLUSH_CHARS = 1 << 22  # characters of documents tokenised together (with at most 256 documents)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def arith_text(lines: int = 100_000, seed: int = 0) -> str:
@@ -56,7 +63,28 @@ def _read_text(path: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); pass a .npy of token ids instead") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: line {line} is not UTF-8 text (byte {e.start} of the file); convert the file to "
+                          "UTF-8 or pass a .npy of token ids instead") from None
+
+
+def _no_surrogates(text: str) -> str:
+    """`text` with lone surrogates (which JSON can escape, and no encoder accepts) replaced by U+FFFD."""
+    return text if text.isascii() or not _SURROGATE.search(text) else _SURROGATE.sub("\ufffd", text)
+
+
+def _json_line(path: str, n: int, raw: bytes):
+    """The JSON value of line `n` of a .jsonl, with a one-line error naming the file and line."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: line {n} is not UTF-8 text (byte {e.start} of the line); a .jsonl is UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: line {n} is not JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: line {n} is JSON nested too deeply") from None
+    except ValueError as e:  # an integer of thousands of digits
+        raise ConfigError(f"{path}: line {n} is not JSON moekit reads ({str(e)[:80]})") from None
 
 
 def text_files(directory: str) -> list[str]:
@@ -134,19 +162,16 @@ class Documents:
             yield from self._datasets()
 
     def _jsonl(self, path: str) -> Iterator[str]:
-        with open(path, encoding="utf-8", errors="strict") as f:
+        with open(path, "rb") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}: line {n} is not JSON ({e})") from None
+                row = _json_line(path, n, line)
                 text = row.get(self.text_field) if isinstance(row, dict) else None
                 if not isinstance(text, str):
-                    raise ConfigError(f"{path}: line {n} has no text field '{self.text_field}' (choose it with "
+                    raise ConfigError(f"{path}: line {n} has no text field {shown(self.text_field)} (choose it with "
                                       "--text-field)")
-                yield text
+                yield _no_surrogates(text)
 
     def _datasets(self) -> Iterator[str]:
         try:
@@ -158,10 +183,12 @@ class Documents:
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         if self.text_field not in ds.column_names:
-            raise ConfigError(f"{self.spec}: no column '{self.text_field}' (columns: {', '.join(ds.column_names)}); "
-                              "choose it with --text-field")
-        for row in ds:
-            yield row[self.text_field]
+            raise ConfigError(f"{self.spec}: no column {shown(self.text_field)} (columns: "
+                              f"{shown(ds.column_names)}); choose it with --text-field")
+        for n, row in enumerate(ds):
+            if not isinstance(row[self.text_field], str):
+                raise ConfigError(f"{self.spec}: row {n} of column {shown(self.text_field)} is not text")
+            yield _no_surrogates(row[self.text_field])
 
 
 # ---- token streams -----------------------------------------------------------------------------------------
@@ -198,18 +225,64 @@ def load_tokens(spec: str, tokenizer, vocab_size: int, text_field: str = "text",
         h.update(part)
     cache = os.path.join(cache_dir or default_cache_dir(), h.hexdigest()[:32] + ".npy")
     description = f"{docs.description}, tokenizer {tokenizer.name}"
-    if os.path.isfile(cache):
-        return np.load(cache, mmap_mode="r"), description
+    ids = _cached(cache, vocab_size)
+    if ids is not None:
+        return ids, description
     if not write_cache:
-        raise ConfigError(f"{cache}: the tokenised data the main process should have written is missing")
+        raise ConfigError(f"{cache}: the tokenised data the main process should have written is missing or invalid")
     ids = _tokenize(docs, tokenizer, progress)
     if ids.size == 0:
         raise ConfigError(f"{spec}: the data holds no tokens")
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = f"{cache}.tmp-{uuid.uuid4().hex[:8]}.npy"
-    np.save(tmp, ids)
-    os.replace(tmp, cache)
+    _write_cache(cache, ids)
     return np.load(cache, mmap_mode="r"), description
+
+
+def _cached(path: str, vocab_size: int) -> np.ndarray | None:
+    """The token cache at `path` as a memmap when it is a 1-D array of integer ids in 0..vocab_size-1; None when
+    absent or anything else (floats, out-of-range ids, a damaged file): the caller tokenises again."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        return None
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or ids.size == 0:
+        return None
+    if np.issubdtype(ids.dtype, np.unsignedinteger) and np.iinfo(ids.dtype).max < vocab_size:
+        return ids  # every value of its dtype is an id: no need to read it all
+    low = 0 if np.issubdtype(ids.dtype, np.unsignedinteger) else int(ids.min())
+    return ids if low >= 0 and int(ids.max()) < vocab_size else None
+
+
+def _write_cache(path: str, ids: np.ndarray) -> None:
+    """`ids` saved at `path` through a temporary file (removed on every error); one-line errors name the path."""
+    directory = os.path.dirname(path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{directory}: cannot create the token cache directory ({e.strerror or e}); pass "
+                              "--token-cache DIR (a writable directory)") from None
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}.npy"
+    try:
+        _save_ids(tmp, ids)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write the token cache ({e.strerror or e}); free some space or pass "
+                              "--token-cache DIR (a writable directory)") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def _save_ids(path: str, ids: np.ndarray) -> None:
+    """`ids` [N] as a .npy file, written through Python's file object, 16M ids at a time, and fsynced (numpy's own
+    writer, C stdio, can miss a write that a full disk cut short)."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(ids))
+        for start in range(0, ids.size, 1 << 24):
+            f.write(ids[start:start + (1 << 24)].tobytes())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _tokenize(docs: Documents, tokenizer, progress: bool) -> np.ndarray:
@@ -224,10 +297,13 @@ def _tokenize(docs: Documents, tokenizer, progress: bool) -> np.ndarray:
         bar.update(len(batch))
         batch.clear()
 
+    chars = 0
     for text in docs.texts():
         batch.append(text)
-        if len(batch) == 256:
+        chars += len(text)
+        if len(batch) == 256 or chars >= FLUSH_CHARS:
             flush()
+            chars = 0
     flush()
     bar.close()
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype)

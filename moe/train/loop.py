@@ -2,22 +2,22 @@
 moekit train`, `torchrun -m moekit train`), read top to bottom like nanoGPT's, in phases like torchtitan's:
 
     train(options)            the accelerator and OUT's lock; release the lock on every way out
-      open_work               --resume: the interrupted run's options and last state; else a new OUT
-      start_run -> Run        model, tokenizer and data (all checked before anything is written), optimizer,
-                              the resumed state, OUT.partial
+      open_work               --resume: the interrupted run's options (see `resume`); else a new OUT
+      start_run -> Run        model, tokenizer and data (all checked, and the memory estimated, before anything is
+                              written), optimizer, the newest complete state (`resume.restore`), OUT.partial
       run_steps               per optimizer step: train_step, then log_entry / evaluate / save_state when due
         train_step            the step's windows (the same whatever the number of processes and micro-batches),
                               forward_backward per micro-batch, clip, AdamW, the schedule, the MoE router bias
       finish_run              gather the model, write the complete checkpoint, publish OUT
 
 Host syncs happen only on log, evaluation and save steps. A run lives in OUT.partial until it ends (see `state`);
-a loss that turns non-finite stops it with the last good state kept for --resume.
+a loss that turns non-finite stops it with the last good state kept for --resume, and OUT is never published with
+a non-finite loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from moekit.llama.errors import ConfigError, MoekitError
-from moekit.llama.io import check_inputs, read_config_json, read_json, write_json
+from moekit.llama.io import check_inputs, read_side_json
 from moekit.moe.model import MoEForCausalLM
 
-from .data import TokenData, load_tokens
+from .data import TokenData
 from .metrics import (
     Interval,
     device_peak_flops,
@@ -45,10 +45,10 @@ from .metrics import (
     train_flops_per_token,
 )
 from .optim import Schedule, make_optimizer
-from .options import CONTINUED, SCRATCH, TrainOptions
-from .source import Source, load_model, source_final_lr
-from .state import WorkDir, gathered, save_complete
-from .tokenizer import ByteTokenizer, check_fits, load_tokenizer
+from .options import TrainOptions
+from .resume import real_paths, restore, resume_command, resumed_options
+from .source import Source, load_inputs, make_schedule
+from .state import WorkDir, gathered, save_complete, write_json
 
 
 class TrainingDiverged(MoekitError):
@@ -66,6 +66,7 @@ class TrainResult:
     seconds: float
     metrics: list[dict]
     out: str | None
+    start_step: int = 0  # the step this run resumed at (0: it started at the beginning)
 
 
 @dataclass
@@ -90,15 +91,20 @@ class Run:
     start_step: int = 0  # the step a resumed run saved
     initial_val: float | None = None  # validation loss before the first step
     last_time: float = 0.0  # when the current logging interval started (tokens/s)
+    untimed_steps: int = 0  # steps of the interval trained before a resume (not in this run's time)
 
     @property
     def is_moe(self) -> bool:
         return isinstance(self.raw, MoEForCausalLM)
 
     @property
-    def tokens_per_step(self) -> int:
+    def sequences_per_step(self) -> int:
         o = self.options
-        return o.batch_size * o.grad_accum * self.accelerator.num_processes * o.seq_len
+        return o.batch_size * o.grad_accum * self.accelerator.num_processes
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.sequences_per_step * self.options.seq_len
 
     def record(self, entry: dict) -> None:
         """A metrics line: kept, appended to OUT's metrics.jsonl, sent to the trackers."""
@@ -111,74 +117,29 @@ class Run:
 
 # ---- set-up --------------------------------------------------------------------------------------------------
 
-def make_schedule(options: TrainOptions, source: Source) -> Schedule:
-    """The options' schedule; what they leave out depends on whether the model is new or continues a checkpoint."""
-    if source.directory is None:
-        lr, warmup = options.lr or SCRATCH["lr"], options.warmup if options.warmup is not None else SCRATCH["warmup"]
-    else:
-        lr = options.lr or source_final_lr(source.directory) or CONTINUED["lr"]
-        warmup = options.warmup if options.warmup is not None else math.ceil(
-            CONTINUED["warmup_fraction"] * options.steps)
-    return Schedule(lr, warmup, options.steps, options.min_lr_ratio)
-
-
-def configure_moe(model: nn.Module, options: TrainOptions) -> None:
-    """The MoE options that override the checkpoint's config for this run."""
-    if not isinstance(model, MoEForCausalLM):
-        if options.train != "all" or options.balance != "micro" or options.router_lr_mult != 1.0:
-            raise ConfigError("--train experts, --balance global and --router-lr-mult apply to MoE models; this "
-                              "model is dense")
-        return
-    for option, name in (("router_bias_rate", "router_bias_update_rate"), ("aux_loss_coef", "router_aux_loss_coef"),
-                         ("z_loss_coef", "router_z_loss_coef")):
-        if getattr(options, option) is not None:
-            setattr(model.config, name, getattr(options, option))
-
-
-def open_work(options: TrainOptions, work: WorkDir | None, given: set[str] | None):
-    """(options, the last saved state (step, path) or None): with --resume, the interrupted run's options (those
-    typed now on top) and state; else a check that OUT may be written."""
+def open_work(options: TrainOptions, work: WorkDir | None, given: set[str] | None,
+              processes: int) -> tuple[TrainOptions, str | None]:
+    """(options, a line for the log or None): with --resume, the interrupted run's options (those typed now on top,
+    its global batch kept under another number of processes); else the options with real paths (what
+    train_config.json records) and a check that OUT may be written."""
     if work is None:
         return options, None
-    resume_from = None
+    note = None
     if options.resume:
         work.reopen()
-        options = work.resumed_options(options, given)
-        resume_from = work.last_state()
+        options, note = resumed_options(work.path, options, given, processes)
+    else:
+        options = real_paths(options)
     inputs = [("MODEL", options.model), ("--data", options.data), ("--val-data", options.val_data),
               ("--tokenizer", options.tokenizer)]
     for out in (work.out, work.path):  # no input is OUT or OUT.partial, inside them, or holds them
         check_inputs(out, "--out", inputs)
     if not options.resume:
         work.check_new(options.force)
-    return options, resume_from
+    return options, note
 
 
-def load_inputs(options: TrainOptions, accelerator) -> tuple[Source, Any, TokenData, str]:
-    """(the model, its tokenizer, the tokenised data, a description of the data), each checked against the others."""
-    directory = os.path.abspath(options.model) if os.path.isdir(options.model) else None
-    config = read_config_json(directory) if directory else None
-    tokenizer = load_tokenizer(options.tokenizer, directory, config)
-    if tokenizer is None and directory is None:
-        tokenizer = ByteTokenizer()
-    source = load_model(options.model, options.seed, tokenizer)
-    mcfg = source.model.config
-    configure_moe(source.model, options)
-    if options.seq_len + 1 > mcfg.max_position_embeddings:
-        raise ConfigError(f"--seq-len {options.seq_len} needs windows of {options.seq_len + 1} tokens; the model's "
-                          f"max_position_embeddings is {mcfg.max_position_embeddings}")
-    if tokenizer is not None:
-        check_fits(tokenizer, mcfg.vocab_size)
-    main = accelerator.is_main_process
-    with accelerator.main_process_first():  # the main process tokenises and caches; the others read the cache
-        kw = dict(vocab_size=mcfg.vocab_size, text_field=options.text_field, cache_dir=options.token_cache,
-                  progress=options.progress and main, write_cache=main)
-        ids, data_source = load_tokens(options.data, tokenizer, **kw)
-        val_ids = load_tokens(options.val_data, tokenizer, **kw)[0] if options.val_data else None
-    return source, tokenizer, TokenData(ids, options.seq_len, options.seed, options.data, val_ids), data_source
-
-
-def start_run(options: TrainOptions, accelerator, work: WorkDir | None, resume_from) -> Run:
+def start_run(options: TrainOptions, accelerator, work: WorkDir | None, log=None) -> Run:
     """The run, ready for its first (or resumed) step; OUT.partial created (or reopened) and its options written."""
     from accelerate.utils import set_seed
 
@@ -192,11 +153,10 @@ def start_run(options: TrainOptions, accelerator, work: WorkDir | None, resume_f
     model, optimizer = accelerator.prepare(source.model, optimizer)
     run = Run(options, accelerator, work, source, tokenizer, data, schedule, model, accelerator.unwrap_model(model),
               optimizer, scheduler, flops_per_token, peak)
-    if resume_from is not None:
-        restore(run, resume_from[1])
+    restored = bool(work and options.resume) and restore(run, log)
     if work:
         if options.resume:  # without a saved state the run starts over: nothing of it is kept
-            run.metrics = work.truncate_metrics(run.start_step if resume_from is not None else -1)
+            run.metrics = work.truncate_metrics(run.start_step if restored else -1)
         else:
             work.create()
         accelerator.wait_for_everyone()
@@ -209,16 +169,6 @@ def start_run(options: TrainOptions, accelerator, work: WorkDir | None, resume_f
         accelerator.init_trackers("moekit", config={k: v for k, v in dataclasses.asdict(options).items()
                                                     if isinstance(v, (int, float, str, bool))})
     return run
-
-
-def restore(run: Run, path: str) -> None:
-    """The model, optimizer and RNG states, the schedule and the open logging interval saved at `path`."""
-    run.accelerator.load_state(path)
-    with open(os.path.join(path, "progress.json")) as f:
-        progress = json.load(f)
-    run.start_step = progress["step"]
-    run.scheduler.load_state_dict(progress["scheduler"])
-    run.interval.load(progress["interval"], run.accelerator.device)
 
 
 # ---- the step ------------------------------------------------------------------------------------------------
@@ -270,7 +220,8 @@ def log_entry(run: Run, step: int, lr: float) -> dict:
     values = run.interval.report(lambda v: acc.reduce(v, "mean"), lambda v: acc.reduce(v, "sum"))
     now = time.perf_counter()  # after the sync in report: the interval's device work is done
     check_finite(values["loss"], step)
-    tokens_per_s = n * run.tokens_per_step / (now - run.last_time)
+    tokens_per_s = (n - run.untimed_steps) * run.tokens_per_step / (now - run.last_time)
+    run.untimed_steps = 0
     entry = {"lr": lr, "loss": values["loss"], "ppl": round(perplexity(values.get("lm_loss", values["loss"])), 4),
              **{k: values[k] for k in ("lm_loss", "aux_loss", "z_loss") if k in values},
              "grad_norm": values["grad_norm"], "tokens_per_s": round(tokens_per_s, 1),
@@ -296,11 +247,17 @@ def evaluate(model, data: TokenData, options: TrainOptions, accelerator) -> floa
     return accelerator.reduce(torch.stack(losses).mean(), "mean").item()
 
 
-def check_finite(loss: float, step: int, shown: str | None = None) -> None:
+def check_finite(loss: float, step: int, shown: str | None = None, what: str = "training loss") -> None:
     """TrainingDiverged naming `shown` (default: the value) unless `loss` is finite."""
     if not math.isfinite(loss):
-        raise TrainingDiverged(f"the training loss became {shown or loss} by step {step}; lower --lr or check the "
+        raise TrainingDiverged(f"the {what} became {shown or loss} by step {step}; lower --lr or check the "
                                "data and the source weights")
+
+
+def last_logged(metrics: list[dict], key: str) -> float:
+    """The last finite number logged as `key` (a resumed run's progress bar shows it), else NaN."""
+    return next((m[key] for m in reversed(metrics) if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])),
+                float("nan"))
 
 
 def save_state(run: Run, step: int) -> None:
@@ -315,7 +272,8 @@ def save_state(run: Run, step: int) -> None:
         os.makedirs(directory)
         save_complete(full, directory, o.save_dtype, run.source.directory, run.source.config, run.tokenizer)
     full.train()
-    progress = {"step": step, "scheduler": run.scheduler.state_dict(), "interval": run.interval.state()}
+    progress = {"step": step, "seq_len": o.seq_len, "global_batch": run.sequences_per_step,
+                "interval": run.interval.state()}
     work.save_state(acc, step, o.keep_last, progress)
 
 
@@ -328,7 +286,7 @@ def run_steps(run: Run) -> tuple[float, float, float]:
 
     o, acc = run.options, run.accelerator
     start = run.last_time = time.perf_counter()
-    val, train_loss = float("nan"), float("nan")
+    val, train_loss = last_logged(run.metrics, "val_loss"), last_logged(run.metrics, "loss")  # resumed: shown
     if run.start_step == 0:
         run.initial_val = val = evaluate(run.model, run.data, o, acc)
         run.record({"step": 0, "tokens": 0, "val_loss": val, "val_ppl": round(perplexity(val), 4)})
@@ -358,20 +316,23 @@ def finish_run(run: Run, train_loss: float, val: float, seconds: float) -> Train
     """The trained model gathered on every process; OUT written (the complete checkpoint and the run's summary
     in train_config.json) and published."""
     o, acc, work = run.options, run.accelerator, run.work
+    check_finite(train_loss, o.steps)  # never publish OUT with a loss that is not a number
+    check_finite(val, o.steps, what="validation loss")
     acc.wait_for_everyone()
     model = gathered(acc, run.model)
     if acc.log_with:
         acc.end_training()
     result = TrainResult(model, o.steps, o.steps * run.tokens_per_step, train_loss, val,
                          run.initial_val if run.initial_val is not None else float("nan"), seconds, run.metrics,
-                         work.out if work else None)
+                         work.out if work else None, run.start_step)
     if work and acc.is_main_process:
         save_complete(model, work.path, o.save_dtype, run.source.directory, run.source.config, run.tokenizer)
-        path = os.path.join(work.path, "train_config.json")
-        write_json(path, {**read_json(path, "train_config.json"), "model_type": model.config.model_type,
-                          "parameters": model.num_parameters(), "tokens": result.tokens,
-                          "seconds": round(seconds, 3), "train_loss": train_loss,
-                          "initial_val_loss": result.initial_val_loss, "val_loss": val})
+        initial = result.initial_val_loss if math.isfinite(result.initial_val_loss) else None  # lost: unknown
+        resumed = {"resumed_at_step": run.start_step} if run.start_step else {}
+        write_json(os.path.join(work.path, "train_config.json"), {
+            **read_side_json(work.path, "train_config.json", required=True), "model_type": model.config.model_type,
+            "parameters": model.num_parameters(), "tokens": result.tokens, "seconds": round(seconds, 3), **resumed,
+            "train_loss": train_loss, "initial_val_loss": initial, "val_loss": val})
     if work:
         work.finish(o.force)
     return result
@@ -389,19 +350,22 @@ def train(options: TrainOptions, log=print, given: set[str] | None = None) -> Tr
     except (RuntimeError, ValueError) as e:  # e.g. a launch configuration this machine cannot run
         raise ConfigError(f"accelerate cannot set up this launch: {str(e).strip().splitlines()[0]}") from None
     work = WorkDir(options.out, accelerator.is_main_process) if options.out else None
+    main_log = log if accelerator.is_main_process else None
     try:
-        options, resume_from = open_work(options, work, given)
-        run = start_run(options, accelerator, work, resume_from)
-        if log and accelerator.is_main_process:
-            log(f"training {run.source.description}: {run.raw.num_parameters():,} parameters, "
-                f"{accelerator.num_processes} process(es), {run.tokens_per_step:,} tokens per step; "
-                f"{run.schedule.describe()}")
+        options, note = open_work(options, work, given, accelerator.num_processes)
+        if note and main_log:
+            main_log(note)
+        run = start_run(options, accelerator, work, main_log)
+        if main_log:
+            main_log(f"training {run.source.description}: {run.raw.num_parameters():,} parameters, "
+                     f"{accelerator.num_processes} process(es), {run.tokens_per_step:,} tokens per step; "
+                     f"{run.schedule.describe()}")
         result = _run(run)
     finally:
         if work:
             work.release()  # on every way out (a resumed run's lock, an error before training starts)
-    if log and accelerator.is_main_process:
-        log(summary_line(result, run.source.description))
+    if main_log:
+        main_log(summary_line(result, run.source.description))
     return result
 
 
@@ -415,7 +379,7 @@ def _run(run: Run) -> TrainResult:
         if work and work.abandon():
             last = work.last_state()
             raise type(e)(f"{e}{'; ' if str(e) else ''}{work.path} keeps the state of step {last[0]}: continue "
-                          f"with `moekit train --resume --out {run.options.out}`") from None
+                          f"with `{resume_command(work.out)}`") from None
         raise
     except BaseException:
         if work:
@@ -424,7 +388,12 @@ def _run(run: Run) -> TrainResult:
 
 
 def summary_line(r: TrainResult, source: str) -> str:
+    """The run's last line; after a resume the speed is this run's: its steps' tokens over its time."""
     where = f"; wrote {r.out}" if r.out else ""
-    return (f"trained {source}: {r.steps} steps, {r.tokens:,} tokens in {r.seconds:.1f} s "
-            f"({r.tokens / max(r.seconds, 1e-9):,.0f} tokens/s); train loss {r.train_loss:.4f}, "
+    mine = r.tokens * (r.steps - r.start_step) // r.steps  # tokens of the steps this run trained
+    speed = f"{mine / max(r.seconds, 1e-9):,.0f} tokens/s"
+    timing = (f"{r.tokens:,} tokens in {r.seconds:.1f} s ({speed})" if not r.start_step else
+              f"{r.tokens:,} tokens; resumed at step {r.start_step}: {r.steps - r.start_step} steps, {mine:,} tokens in "
+              f"{r.seconds:.1f} s ({speed} in this run)")
+    return (f"trained {source}: {r.steps} steps, {timing}; train loss {r.train_loss:.4f}, "
             f"val loss {r.initial_val_loss:.4f} -> {r.val_loss:.4f}{where}")

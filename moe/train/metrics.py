@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from moekit.llama.errors import ConfigError, shown
 from moekit.moe.accounting.cost import device_peak_flops, train_flops_per_token  # noqa: F401 (the trainer's MFU inputs)
 
 
@@ -46,10 +47,24 @@ class Interval:
         return {"steps": self.steps, "sums": {k: {"dtype": str(v.dtype).removeprefix("torch."), "value": v.tolist()}
                                               for k, v in self.sums.items()}}
 
-    def load(self, state: dict, device) -> None:
-        self.steps = state["steps"]
-        self.sums = {k: torch.tensor(v["value"], dtype=getattr(torch, v["dtype"]), device=device)
-                     for k, v in state["sums"].items()}
+    def load(self, state, device, shapes: dict[str, tuple], where: str) -> None:
+        """The sums `state()` saved (read from `where`), each a known name of the shape `shapes` gives
+        (`interval_shapes`); anything else is a one-line ConfigError, never a tensor of another shape."""
+        steps, sums = (state.get("steps"), state.get("sums")) if isinstance(state, dict) else (None, None)
+        if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0 and isinstance(sums, dict)):
+            raise ConfigError(f"{where}: 'interval' must hold a step count and the metric sums, as moekit saves them")
+        loaded = {}
+        for name, v in sums.items():
+            dtype = v.get("dtype") if isinstance(v, dict) else None
+            if name not in shapes or dtype not in _DTYPES:
+                raise ConfigError(f"{where}: interval sum {shown(name)} is not one this model's run keeps")
+            try:
+                loaded[name] = torch.tensor(v.get("value"), dtype=getattr(torch, dtype), device=device)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                loaded[name] = None
+            if loaded[name] is None or tuple(loaded[name].shape) != shapes[name]:
+                raise ConfigError(f"{where}: interval sum {shown(name)} is not numbers of shape {list(shapes[name])}")
+        self.steps, self.sums = steps, loaded
 
     def report(self, reduce_mean, reduce_sum) -> dict:
         """Means over the interval's steps (all processes) as Python numbers: the host sync of a log step."""
@@ -62,6 +77,19 @@ class Interval:
         values = {k: v.tolist() for k, v in out.items()}
         self.sums, self.steps = {}, 0
         return values
+
+
+_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32")
+
+
+def interval_shapes(config) -> dict[str, tuple]:
+    """{name: shape} of every sum an Interval of a run of a model with `config` may hold."""
+    shapes = {name: () for name in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm")}
+    if hasattr(config, "num_local_experts"):
+        L = sum(1 for i in range(config.num_hidden_layers) if config.is_moe_layer(i))  # MoE layers
+        shapes.update(layer_aux_loss=(L,), layer_z_loss=(L,), layer_entropy=(L,), dropped=(L,),
+                      counts=(L, config.num_local_experts))
+    return shapes
 
 
 def routing_entry(values: dict) -> dict:

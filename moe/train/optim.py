@@ -1,5 +1,6 @@
 """The optimizer and its schedule: AdamW with weight decay on matrices only (and the routers at their own
-learning rate), linear warmup then cosine decay, as a checkpointable LambdaLR."""
+learning rate), linear warmup then cosine decay, as a LambdaLR that a resumed run sets to its step
+(`schedule_at`: computed, never read from a file)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,23 @@ def make_optimizer(model: nn.Module, schedule: Schedule, weight_decay: float, be
     optimizer = torch.optim.AdamW(params, lr=schedule.lr, betas=betas, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.lr_at(step) / schedule.lr)
     return optimizer, scheduler
+
+
+def schedule_at(scheduler, step: int) -> None:
+    """Set the LambdaLR of `make_optimizer` where it stands after `step` optimizer steps, as resuming at `step`
+    needs: computed from the schedule, never read from a file (which could set any learning rate)."""
+    lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler.last_epoch, scheduler._step_count, scheduler._last_lr = step, step + 1, lrs
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Every parameter group's settings (lr, betas, weight decay, ...), to put back with `set_hyperparameters`
+    after loading a saved optimizer state: the state brings the moments, the options bring the settings."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, saved: list[dict]) -> None:
+    for group, settings in zip(optimizer.param_groups, saved):
+        group.update(settings)

@@ -15,21 +15,27 @@ The train curve is the LM loss (`lm_loss`, without the router losses, as the val
 runs), so dense and MoE runs compare directly. Training FLOPs are tokens x FLOPs per token from moekit's own
 accounting of the run's model (3 x forward: 2 per active matmul weight plus attention over --seq-len, the figure
 MFU uses): the model is read from RUN's config.json (a finished run), else its latest step-N/ checkpoint, else
-the source train_config.json names (a preset, or a checkpoint directory still there); a run whose model cannot
-be found is left off the FLOPs panel. matplotlib is imported when plotting (the `plot` extra); figures are built
-without pyplot.
+the preset train_config.json names as its source (a path recorded there is never followed); a run whose model
+cannot be found is left off the FLOPs panel. matplotlib is imported when plotting (the `plot` extra); figures
+are built without pyplot.
+
+Every file is read from inside RUN (`llama.io.inside`: a symlink out of the run is refused), and every value the
+figures draw is checked first (`check_lines`): a number where a number belongs (NaN and infinities are drawn as
+gaps; `step` and `tokens` finite), and an MoE run's routing lists of one shape on every line. Anything else is one
+line naming the file, line and key.
 """
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 import re
 from dataclasses import dataclass
 
-from moekit.llama.errors import ConfigError, MoekitError
-from moekit.llama.io import AtomicDir, check_output, read_json
+from moekit.llama.config import LLAMA_PRESETS, LlamaConfig
+from moekit.llama.errors import ConfigError, MoekitError, shown
+from moekit.llama.io import AtomicDir, check_output, inside, read_side_json
+from moekit.moe.config import MOE_PRESETS, MoEConfig
 
 from .metrics import train_flops_per_token
 from .options import PlotOptions
@@ -68,30 +74,93 @@ def run_directory(path: str) -> str:
     return path
 
 
+SCALARS = ("loss", "lm_loss", "val_loss", "lr", "tokens_per_s")  # numbers drawn against tokens or steps
+PER_LAYER = ("max_load", "dead_experts", "entropy")  # an MoE line's lists beside expert_fraction, one per MoE layer
+MAX_SEQ_LEN = 1 << 30
+
+
 def read_metrics(path: str) -> list[dict]:
-    """`metrics_lines(path)`, which must not be empty."""
-    lines = metrics_lines(path)
+    """`metrics_lines(path)`, which must not be empty and must hold what the figures draw (`check_lines`)."""
+    lines = metrics_lines(path)  # a regular file inside the run, one JSON object per line
     if not lines:
         raise ConfigError(f"{path}: empty; the run has not logged a step yet")
+    check_lines(path, lines)
     return lines
+
+
+def _number(v, finite: bool = False) -> bool:
+    """An int or float (not a bool) that converts to a float, and with `finite` is finite."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v)) or not finite
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def check_lines(path: str, lines: list[dict]) -> None:
+    """Every value the figures draw is a number (see the module docstring); a ConfigError naming the file, line
+    and key for the first that is not."""
+    shape = None  # (MoE layers, experts) of the first line with routing fields
+    for i, m in enumerate(lines):
+        problem, shape = _problem(m, shape)
+        if problem:
+            key, want = problem
+            got = f"is {shown(m[key])}" if key in m else "is missing"
+            raise ConfigError(f"{path} line {_line_number(path, i)}: '{key}' {got}; expected {want}")
+
+
+def _problem(m: dict, shape: tuple[int, int] | None) -> tuple[tuple[str, str] | None, tuple[int, int] | None]:
+    """((key, what it should be) of the first value of line `m` the figures cannot draw, or None; the routing
+    shape (MoE layers, experts), set by the first line with routing fields)."""
+    for key in ("step", "tokens"):
+        if not _number(m[key], finite=True):
+            return (key, "a finite integer"), shape
+    for key in SCALARS:
+        if m.get(key) is not None and not _number(m[key]):
+            return (key, "a number"), shape
+    if "expert_fraction" not in m:
+        return None, shape
+    f = m["expert_fraction"]
+    if not (isinstance(f, list) and f and all(isinstance(row, list) and row for row in f)):
+        return ("expert_fraction", "a list per MoE layer of the experts' shares"), shape
+    L, E = shape = shape or (len(f), len(f[0]))
+    if len(f) != L or any(len(row) != E or not all(_number(x, True) for x in row) for row in f):
+        return ("expert_fraction", f"{L} lists of {E} finite numbers (MoE layers x experts), as on the first "
+                "routing line"), shape
+    for key in PER_LAYER:
+        v = m.get(key)
+        if not (isinstance(v, list) and len(v) == L and all(_number(x, True) for x in v)):
+            return (key, f"a list of {L} finite numbers, one per MoE layer"), shape
+    return None, shape
+
+
+def _line_number(path: str, index: int) -> int:
+    """The line of the file holding its `index`-th object (blank lines are skipped by `metrics_lines`)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        filled = [n for n, row in enumerate(f, 1) if row.strip()]
+    return filled[index] if index < len(filled) else index + 1
 
 
 def flops_per_token(directory: str) -> float | None:
     """Training FLOPs per token of the run's model (see the module docstring), or None."""
-    path = os.path.join(directory, "train_config.json")
-    config = read_json(path, "train_config.json") if os.path.isfile(path) else {}
-    options = config.get("options") if isinstance(config, dict) else None
+    config = read_side_json(directory, "train_config.json") or {}
+    options = config.get("options")
     seq_len = options.get("seq_len") if isinstance(options, dict) else None
-    if not isinstance(seq_len, int) or seq_len < 1:
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or not 1 <= seq_len <= MAX_SEQ_LEN:
         return None
-    source = config.get("source") if isinstance(config.get("source"), str) else ""  # "preset NAME" or a path
-    targets = [p for p in [os.path.join(directory, "config.json")] if os.path.isfile(p)]
-    targets += sorted(glob.glob(os.path.join(directory, "step-*", "config.json")), reverse=True)  # latest first
-    targets += [source.removeprefix("preset ")] if source else []
-    for target in targets:
+    steps = sorted((d for d in os.listdir(directory) if re.fullmatch(r"step-\d+", d)), key=lambda d: -int(d[5:]))
+    names = [name for name in ["config.json", *(f"{d}/config.json" for d in steps)]  # the latest step first
+             if os.path.isfile(os.path.join(directory, name))]
+    models = [inside(directory, name, "config.json") for name in names]
+    source = config.get("source")
+    preset = source.removeprefix("preset ").lower() if isinstance(source, str) else ""
+    if preset in LLAMA_PRESETS or preset in MOE_PRESETS:  # a name, never a path
+        models.append(LlamaConfig.from_name(preset) if preset in LLAMA_PRESETS else MoEConfig.from_name(preset))
+    for model in models:
         try:
-            return train_flops_per_token(target, seq_len)
-        except (MoekitError, OSError, KeyError, ValueError):
+            return train_flops_per_token(model, seq_len)
+        except (MoekitError, OSError, KeyError, ValueError, ArithmeticError):
             continue
     return None
 

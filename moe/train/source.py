@@ -1,23 +1,35 @@
 """What a run trains or a prompt is completed with: a checkpoint directory (Llama or MoE by config.json's
-model_type) or a preset (random init, seeded), loaded in fp32 (`load_model`); and the learning rate a checkpoint's
-own training ended at (`source_final_lr`)."""
+model_type) or a preset (random init, seeded), loaded in fp32 (`load_model`); the learning rate a checkpoint's
+own training ended at (`source_final_lr`); and a run's set-up: its model, tokenizer and data checked against each
+other and its memory estimated (`load_inputs`), its schedule (`make_schedule`), its MoE options
+(`configure_moe`).
+
+Every file is read from inside the checkpoint (`moekit.llama.io.inside`: a link out of it is refused), and a value
+read from a file passes the checks its command-line option has: a recorded learning rate is a finite number in
+(0, 1], as --lr is. A path recorded in a file (upcycling.json's "source") is never followed."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from moekit.llama.config import LLAMA_PRESETS, LlamaConfig
-from moekit.llama.errors import CheckpointError, ConfigError
-from moekit.llama.io import config_path, read_config_json, read_json
+from moekit.llama.errors import CheckpointError, ConfigError, shown
+from moekit.llama.io import read_config_json, read_side_json
 from moekit.llama.model import Llama
 from moekit.moe.config import MOE_PRESETS, MoEConfig
 from moekit.moe.model import MoEForCausalLM
 
-from .tokenizer import ByteTokenizer
+from .budget import check_budget
+from .data import TokenData, load_tokens
+from .optim import Schedule
+from .options import CONTINUED, SCRATCH, TrainOptions
+from .tokenizer import ByteTokenizer, check_fits, load_tokenizer
 
 MOE_TYPES = MoEConfig.MODEL_TYPES  # moekit's own model_type and the checkpoint formats
 
@@ -35,15 +47,15 @@ def load_model(source: str, seed: int = 0, tokenizer=None) -> Source:
     fp32 and train mode. A preset trained with a tokenizer other than bytes takes its vocabulary (rounded up to a
     multiple of 64) and its BOS / EOS ids."""
     if os.path.isdir(source):
-        path = config_path(source)
-        config = read_config_json(path)
+        path = os.path.join(source, "config.json")
+        config = read_config_json(source)  # through `inside`: never a config.json linked from elsewhere
         model_type = config.get("model_type")
         if model_type in LlamaConfig.MODEL_TYPES:
             model = Llama.from_pretrained(source)
         elif model_type in MOE_TYPES:
             model = MoEForCausalLM.from_pretrained(source)
         else:
-            raise CheckpointError(f"{path}: model_type {model_type!r} cannot be trained; expected "
+            raise CheckpointError(f"{path}: model_type {shown(model_type)} cannot be trained; expected "
                                   f"{', '.join((*LlamaConfig.MODEL_TYPES, *MOE_TYPES))}")
         return Source(model.float().train(), os.path.abspath(source), os.path.abspath(source), config)
     torch.manual_seed(seed)
@@ -56,20 +68,83 @@ def load_model(source: str, seed: int = 0, tokenizer=None) -> Source:
     elif source.lower() in MOE_PRESETS:
         model = MoEForCausalLM(MoEConfig.from_name(source, **fit))
     else:
-        raise ConfigError(f"{source}: not a checkpoint directory nor a preset; presets: "
+        raise ConfigError(f"{shown(source)}: not a checkpoint directory nor a preset; presets: "
                           f"{', '.join(sorted(LLAMA_PRESETS) + sorted(MOE_PRESETS))}")
     return Source(model.float().train(), f"preset {source}", None, None)
 
 
 def source_final_lr(directory: str | None) -> float | None:
-    """The learning rate a moekit run that produced `directory` (or the dense model it was upcycled from) ended at."""
-    for _ in range(2):
-        if directory is None:
-            return None
-        path = os.path.join(directory, "train_config.json")
-        if os.path.isfile(path):
-            schedule = read_json(path, "train_config.json").get("schedule")
-            return schedule.get("final_lr") if isinstance(schedule, dict) else None
-        record = os.path.join(directory, "upcycling.json")
-        directory = read_json(record, "upcycling.json").get("source") if os.path.isfile(record) else None
+    """The learning rate the moekit run that produced checkpoint `directory` ended at: its own train_config.json's
+    schedule.final_lr, else its own upcycling.json's "source_final_lr" (which the upcycler copies from the dense
+    source's run); None when neither records one. Checked as --lr is."""
+    if directory is None:
+        return None
+    run = read_side_json(directory, "train_config.json")
+    schedule = (run or {}).get("schedule")
+    if isinstance(schedule, dict) and schedule.get("final_lr") is not None:
+        return checked_lr(schedule["final_lr"], os.path.join(directory, "train_config.json"), "schedule.final_lr")
+    record = read_side_json(directory, "upcycling.json")
+    if (record or {}).get("source_final_lr") is not None:
+        return checked_lr(record["source_final_lr"], os.path.join(directory, "upcycling.json"), "source_final_lr")
     return None
+
+
+def checked_lr(value, path: str, key: str) -> float:
+    """A learning rate read from a file, valid as --lr is (a finite number, 0 < lr <= 1)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1  # NaN, inf fail
+    if not ok:
+        raise ConfigError(f"{path}: {key} {shown(value)} is not a learning rate moekit uses; expected a number in "
+                          "(0, 1], as --lr")
+    return float(value)
+
+
+# ---- a run's set-up ------------------------------------------------------------------------------------------
+
+def make_schedule(options: TrainOptions, source: Source) -> Schedule:
+    """The options' schedule; what they leave out depends on whether the model is new or continues a checkpoint."""
+    if source.directory is None:
+        lr, warmup = options.lr or SCRATCH["lr"], options.warmup if options.warmup is not None else SCRATCH["warmup"]
+    else:
+        lr = options.lr or source_final_lr(source.directory) or CONTINUED["lr"]
+        warmup = options.warmup if options.warmup is not None else math.ceil(
+            CONTINUED["warmup_fraction"] * options.steps)
+    return Schedule(lr, warmup, options.steps, options.min_lr_ratio)
+
+
+def configure_moe(model: nn.Module, options: TrainOptions) -> None:
+    """The MoE options that override the checkpoint's config for this run."""
+    if not isinstance(model, MoEForCausalLM):
+        if options.train != "all" or options.balance != "micro" or options.router_lr_mult != 1.0:
+            raise ConfigError("--train experts, --balance global and --router-lr-mult apply to MoE models; this "
+                              "model is dense")
+        return
+    for option, name in (("router_bias_rate", "router_bias_update_rate"), ("aux_loss_coef", "router_aux_loss_coef"),
+                         ("z_loss_coef", "router_z_loss_coef")):
+        if getattr(options, option) is not None:
+            setattr(model.config, name, getattr(options, option))
+
+
+def load_inputs(options: TrainOptions, accelerator) -> tuple[Source, Any, TokenData, str]:
+    """(the model, its tokenizer, the tokenised data, a description of the data), each checked against the others,
+    and the run's memory estimated (`budget`) before the data is tokenised or anything large allocated."""
+    directory = os.path.abspath(options.model) if os.path.isdir(options.model) else None
+    config = read_config_json(directory) if directory else None
+    tokenizer = load_tokenizer(options.tokenizer, directory, config)
+    if tokenizer is None and directory is None:
+        tokenizer = ByteTokenizer()
+    source = load_model(options.model, options.seed, tokenizer)
+    mcfg = source.model.config
+    configure_moe(source.model, options)
+    if options.seq_len + 1 > mcfg.max_position_embeddings:
+        raise ConfigError(f"--seq-len {options.seq_len} needs windows of {options.seq_len + 1} tokens; the model's "
+                          f"max_position_embeddings is {mcfg.max_position_embeddings}")
+    if tokenizer is not None:
+        check_fits(tokenizer, mcfg.vocab_size)
+    check_budget(options, source.model, accelerator.num_processes, accelerator.device)
+    main = accelerator.is_main_process
+    with accelerator.main_process_first():  # the main process tokenises and caches; the others read the cache
+        kw = dict(vocab_size=mcfg.vocab_size, text_field=options.text_field, cache_dir=options.token_cache,
+                  progress=options.progress and main, write_cache=main)
+        ids, data_source = load_tokens(options.data, tokenizer, **kw)
+        val_ids = load_tokens(options.val_data, tokenizer, **kw)[0] if options.val_data else None
+    return source, tokenizer, TokenData(ids, options.seq_len, options.seed, options.data, val_ids), data_source

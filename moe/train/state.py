@@ -12,8 +12,12 @@ so OUT is only ever a finished run:
 and what it writes there: complete Hugging Face directories (`save_complete`), with full weights under FSDP
 (`gathered`).
 
-A killed run leaves OUT.partial behind; `--resume` continues from its last state with the options it started
-with. A new run refuses to start over an interrupted one unless --force.
+A killed run leaves OUT.partial behind; `--resume` continues from its last complete state with the options it
+started with (see `resume`). A new run refuses to start over an interrupted one unless --force.
+
+Files of the run are read through `moekit.llama.io.inside` (a link out of OUT.partial is refused); JSON is written
+without NaN (never `NaN` in a .json file); a write that fails (a full disk) is one line naming the user's path, and
+leaves no temporary behind.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import json
 import os
 import re
 import shutil
+import stat
 
 from torch import nn
 
 from moekit.llama.checkpoint import copy_side_files
-from moekit.llama.errors import CheckpointError, ConfigError
+from moekit.llama.errors import CheckpointError, ConfigError, MoekitError
 from moekit.llama.io import (
     check_output,
     check_parents,
@@ -38,9 +43,8 @@ from moekit.llama.io import (
     make_parents,
     mark,
     publish,
-    read_json,
     try_lock,
-    write_json,
+    write_json_atomic,
 )
 
 from .options import TrainOptions
@@ -53,17 +57,21 @@ PARTIAL = ".partial"  # OUT + PARTIAL: the work directory of a run not finished 
 
 
 def metrics_lines(path: str) -> list[dict]:
-    """The JSON objects of a metrics.jsonl; a last line still being written (no newline yet, or cut by a kill)
-    is left out."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        rows = f.read().split("\n")
+    """The JSON objects of a run's metrics.jsonl (a regular file inside the run); a last line still being written
+    (no newline yet, or cut by a kill) is left out."""
+    directory, name = os.path.split(path)
+    real = inside(directory or ".", name, "metrics file")
+    if not stat.S_ISREG(os.stat(real).st_mode):  # a FIFO would block
+        raise ConfigError(f"{path}: not a regular file; expected the run's metrics.jsonl")
+    with open(real, "rb") as f:
+        rows = f.read().split(b"\n")
     lines = []
     for i, row in enumerate(rows, 1):
         if not row.strip():
             continue
         try:
-            m = json.loads(row)
-        except json.JSONDecodeError:
+            m = json.loads(row.decode("utf-8", errors="replace"))
+        except (ValueError, RecursionError):  # not JSON, nested too deeply, an integer of thousands of digits
             if i == len(rows):  # the run is appending this line right now
                 break
             raise ConfigError(f"{path} line {i}: not valid JSON; expected one JSON object per line") from None
@@ -71,6 +79,17 @@ def metrics_lines(path: str) -> list[dict]:
             raise ConfigError(f"{path} line {i}: expected a JSON object with integer 'step' and 'tokens'")
         lines.append(m)
     return lines
+
+
+def write_json(path: str, obj) -> None:
+    """JSON into a file of the run, atomically (`moekit.llama.io.write_json_atomic`), never with NaN or infinity
+    (which JSON has not): a one-line error instead."""
+    try:
+        write_json_atomic(path, obj, force=True, what=os.path.basename(path))
+    except ConfigError:
+        raise
+    except ValueError:  # json's allow_nan=False
+        raise ConfigError(f"{path}: a value to write is not a finite number; nothing written") from None
 
 
 class WorkDir:
@@ -108,10 +127,12 @@ class WorkDir:
 
     def reopen(self) -> None:
         """Take over an interrupted run's OUT.partial for --resume."""
+        if os.path.islink(self.path):
+            raise CheckpointError(f"{self.path} is a symbolic link; a run resumes only in its own OUT.partial")
         if not os.path.isdir(self.path):
             finished = " (OUT is a finished run: nothing to resume)" if os.path.isdir(self.out) else ""
             raise CheckpointError(f"{self.path}: no interrupted run to resume{finished}")
-        if not os.path.isfile(os.path.join(self.path, "train_config.json")):
+        if not os.path.lexists(os.path.join(self.path, "train_config.json")):
             raise CheckpointError(f"{self.path}: no train_config.json; not a moekit training run")
         if self.main:
             self._take_lock()
@@ -122,25 +143,6 @@ class WorkDir:
             raise CheckpointError(f"{self.path}: another run is working in it (its lock is held)")
 
     # ---- resuming ---------------------------------------------------------------------------------------------
-    def resumed_options(self, given: TrainOptions, explicit: set[str] | None) -> TrainOptions:
-        """The interrupted run's options, with those a resumed run may change taken from `given`. A computation
-        option given with another value than the run's is an error (`explicit`: the options the user typed;
-        None: those differing from their defaults)."""
-        saved = read_json(os.path.join(self.path, "train_config.json"), "train_config.json").get("options")
-        fields = {f.name: f for f in dataclasses.fields(TrainOptions)}
-        if not isinstance(saved, dict) or not set(saved) <= set(fields):
-            raise CheckpointError(f"{self.path}/train_config.json: no options of this moekit's trainer")
-        if explicit is None:
-            explicit = {n for n, f in fields.items() if getattr(given, n) != f.default}
-        for name in sorted(explicit - TrainOptions.RESUMABLE):
-            if name in saved and getattr(given, name) != saved[name]:
-                shown = f"--{name.replace('_', '-')}" if name != "model" else "MODEL"
-                raise ConfigError(f"{shown} {getattr(given, name)!r} differs from the interrupted run's "
-                                  f"{saved[name]!r}; a resumed run keeps its options ({self.path}/train_config.json)")
-        merged = {**saved, **{n: getattr(given, n) for n in TrainOptions.RESUMABLE & explicit}, "resume": True,
-                  "out": given.out}
-        return TrainOptions(**merged)
-
     def states(self) -> list[tuple[int, str]]:
         """(step, directory) of every complete training state, oldest first (by step, not by name)."""
         root = os.path.join(self.path, "state")
@@ -155,11 +157,17 @@ class WorkDir:
     def truncate_metrics(self, step: int) -> list[dict]:
         """Drop metric lines after `step` (logged after the state the run resumes from); return those kept."""
         path = os.path.join(self.path, "metrics.jsonl")
-        kept = [e for e in metrics_lines(path) if e["step"] <= step] if os.path.isfile(path) else []
+        kept = [e for e in metrics_lines(path) if e["step"] <= step] if os.path.lexists(path) else []
         if self.main:
-            with open(path + ".tmp", "w") as f:
-                f.writelines(json.dumps(e) + "\n" for e in kept)
-            os.replace(path + ".tmp", path)
+            try:
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(json.dumps(e) + "\n" for e in kept)
+                os.replace(path + ".tmp", path)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot rewrite the run's metrics ({e.strerror or e})") from None
+            finally:
+                if os.path.lexists(path + ".tmp"):
+                    os.remove(path + ".tmp")
         return kept
 
     # ---- during the run ---------------------------------------------------------------------------------------
@@ -174,17 +182,26 @@ class WorkDir:
 
     def save_state(self, accelerator, step: int, keep_last: int, progress: dict) -> None:
         """accelerate's save_state (model, optimizer, RNG states; all processes take part) and `progress` (step,
-        schedule, metric sums: JSON, no pickle) into state/step-N, atomically; keep the last `keep_last`."""
+        metric sums: JSON, no pickle) into state/step-N, atomically; keep the last `keep_last`. A failed write
+        (a full disk) is one line naming state/step-N, and leaves no temporary."""
         final = os.path.join(self.path, "state", f"step-{step:06d}")
         tmp = final + ".tmp"
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(tmp)
-        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(tmp)
+            accelerator.wait_for_everyone()
+            if self.main:
+                write_json(os.path.join(tmp, "progress.json"), progress)
+                if os.path.lexists(final):  # a damaged state a resume skipped: superseded by this one
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+        except Exception as e:  # OSError, or the safetensors / torch writers' own errors of a full disk
+            if self.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"{final}: cannot save the training state ({_reason(e)})") from e
         if self.main:
-            write_json(os.path.join(tmp, "progress.json"), progress)
-            os.replace(tmp, final)
             for _, old in self.states()[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -216,6 +233,13 @@ class WorkDir:
 
 # ---- what a run writes ------------------------------------------------------------------------------------
 
+def _reason(e: BaseException) -> str:
+    """What went wrong in a failed write, in a few words (an OSError's strerror: not its temporary path)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def save_complete(model: nn.Module, directory: str, dtype: str, source_dir: str | None, source_config: dict | None,
                   tokenizer) -> None:
     """A Hugging Face directory a user can load and chat with: config and weights (in `dtype`; auto: the source
@@ -226,6 +250,20 @@ def save_complete(model: nn.Module, directory: str, dtype: str, source_dir: str 
         stored = (source_config or {}).get("torch_dtype") or (source_config or {}).get("dtype")
         dtype = stored if stored in ("float32", "bfloat16", "float16") else "float32"
     tmp = os.path.join(directory, ".checkpoint")
+    try:
+        _write_checkpoint(model, tmp, dtype, source_dir, tokenizer)
+    except Exception as e:  # OSError, or the safetensors / tokenizers writers' own errors of a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, MoekitError) and e.__cause__ is None:
+            raise  # a refusal (a side file linked from outside the source), not a failed write
+        raise CheckpointError(f"{directory}: cannot write the checkpoint ({_reason(e.__cause__ or e)})") from e
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    os.rmdir(tmp)
+
+
+def _write_checkpoint(model: nn.Module, tmp: str, dtype: str, source_dir: str | None, tokenizer) -> None:
+    """`save_complete`'s files, in the directory `tmp`."""
     fmt = {"format": model.config.model_type} if model.config.model_type in ("mixtral", "qwen2_moe") else {}
     model.save_pretrained(tmp, force=True, dtype=dtype, **fmt)
     if source_dir is not None:
@@ -240,9 +278,6 @@ def save_complete(model: nn.Module, directory: str, dtype: str, source_dir: str 
         cfg = model.config
         write_json(os.path.join(tmp, "generation_config.json"),
                    {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id})
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-    os.rmdir(tmp)
 
 
 def gathered(accelerator, model) -> nn.Module:

@@ -4,23 +4,68 @@ transformers needed), another one, or raw bytes.
 Documents are joined following the tokenizer's convention: a tokenizer whose post-processor starts a sequence
 with BOS (Llama) gets BOS before each document; otherwise EOS goes after each one (GPT-2 style); a tokenizer
 with neither gets a newline between documents.
+
+The `tokenizers` library is never handed more than PIECE characters at once: a longer document (a 200 MB line)
+is cut into pieces first (`pieces`), as its users do, just before whitespace that follows a letter or digit,
+where GPT-2's and Llama 3's pre-tokenizers split anyway (so the ids are those of the whole); a document up to
+PIECE characters is tokenised whole, as before.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import stat
+from collections import deque
+from collections.abc import Iterator
 
 import numpy as np
 
 from moekit.llama.checkpoint import read_tokenizer
-from moekit.llama.errors import ConfigError
-from moekit.llama.io import file_sha256, inside, read_json
+from moekit.llama.errors import CheckpointError, ConfigError
+from moekit.llama.io import file_sha256, inside, read_side_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
 _EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "[CLS]")
+PIECE = 1 << 20  # characters: the most text handed to the `tokenizers` library at once (~1.5 s of BPE)
+BATCH_CHARS = 1 << 20  # characters encoded in one encode_batch call (bounds the library's Encoding objects)
+_CUTS = (re.compile(r"(?<=[^\W_])(?=\s)"),  # before whitespace after a letter or digit: a pre-token boundary
+         re.compile(r"(?<=\S)(?=\s)"))  # before any whitespace after a non-space character
+
+
+def pieces(text: str, size: int | None = None) -> list[str]:
+    """`text` as consecutive pieces of at most `size` (default PIECE) characters, joined back exactly: each cut
+    at the last place in the second half of the piece that `_CUTS` finds (the first pattern first), else at
+    `size`. A text up to `size` characters is one piece."""
+    size = size or PIECE
+    out, start = [], 0
+    while len(text) - start > size:
+        lo, hi = start + size // 2, start + size
+        cut = hi
+        for pattern in _CUTS:
+            last = deque(pattern.finditer(text, lo, hi), maxlen=1)  # the last match, found at C speed
+            if last:
+                cut = last[0].start()
+                break
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
+def write_tokenizer_files(write, out: str, what: str = "the tokenizer") -> None:
+    """Run `write()` (which saves tokenizer files); a full disk or a read-only directory becomes one line naming
+    `out`, the user's path (not the temporary one being written)."""
+    try:
+        write()
+    except OSError as e:
+        raise CheckpointError(f"{out}: cannot write {what} ({e.strerror or e})") from e
+    except Exception as e:  # the `tokenizers` library raises its own exception type for I/O errors
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{out}: cannot write {what} ({reason})") from e
 
 
 def _byte_symbols() -> dict[str, int]:
@@ -58,21 +103,30 @@ class ByteTokenizer:
         tok = Tokenizer(models.BPE(vocab=_byte_symbols(), merges=[]))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         tok.decoder = decoders.ByteLevel()
-        tok.save(os.path.join(directory, "tokenizer.json"))
-        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f)
+
+        def write():
+            tok.save(os.path.join(directory, "tokenizer.json"))
+            with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+                json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f)
+
+        write_tokenizer_files(write, directory)
 
 
 class HFTokenizer:
     """A `tokenizer.json` (Hugging Face `tokenizers`); BOS / EOS ids from the model's config, else the
     tokenizer's config, else the usual token names."""
 
-    def __init__(self, path: str, model_config: dict | None = None):
+    def __init__(self, path: str, model_config: dict | None = None, file: str | None = None):
+        """`path`: DIR/tokenizer.json, read through `inside` DIR (never a link out of it) unless `file` names what
+        to read instead (a tokenizer.json the user named); DIR's tokenizer_config.json gives special tokens."""
         self.path = path
         self.directory = os.path.dirname(path)
         self.name = path
-        self.tok = read_tokenizer(path)
-        self.fingerprint = file_sha256(path)
+        file = file or inside(self.directory, os.path.basename(path), "file")
+        if not stat.S_ISREG(os.stat(file).st_mode):  # a FIFO or device would block or never end
+            raise ConfigError(f"{path}: not a regular file (a FIFO, socket or device); expected a tokenizer.json")
+        self.tok = read_tokenizer(file)
+        self.fingerprint = file_sha256(file)
         vocab = self.tok.get_vocab(with_added_tokens=True)
         self.vocab_size = len(vocab)
         self.num_ids = max(vocab.values(), default=-1) + 1
@@ -97,26 +151,37 @@ class HFTokenizer:
         ids = ids[0] if isinstance(ids, list) and ids else ids
         if ids in special:
             return ids
-        cfg_path = os.path.join(self.directory, "tokenizer_config.json")
-        if os.path.isfile(cfg_path):
-            token = read_json(cfg_path, "tokenizer_config.json").get(f"{kind}_token")
-            token = token.get("content") if isinstance(token, dict) else token
-            if isinstance(token, str) and self.tok.token_to_id(token) in special:
-                return self.tok.token_to_id(token)
+        config = read_side_json(self.directory, "tokenizer_config.json")  # through `inside`: never outside
+        token = (config or {}).get(f"{kind}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and self.tok.token_to_id(token) in special:
+            return self.tok.token_to_id(token)
         return next((self.tok.token_to_id(n) for n in names if self.tok.token_to_id(n) in special), None)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        return [i for piece in pieces(text) for i in self.tok.encode(piece, add_special_tokens=False).ids]
 
-    def encode_documents(self, texts: list[str]) -> list[list[int]]:
-        """Each document's ids with its separator (see the module docstring)."""
-        encoded = [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
-        if self.convention == "bos":
-            return [[self.bos_id, *ids] for ids in encoded]
-        if self.convention == "eos":
-            return [[*ids, self.eos_id] for ids in encoded]
-        newline = self.encode("\n")
-        return [[*ids, *newline] for ids in encoded]
+    def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
+        """Each document's ids [n] (uint32) with its separator (see the module docstring); long documents in
+        pieces."""
+        parts = [pieces(t) for t in texts]
+        flat = iter(self._encode_pieces([p for ps in parts for p in ps]))
+        before = [self.bos_id] if self.convention == "bos" else []
+        after = [self.eos_id] if self.convention == "eos" else self.encode("\n") if not before else []
+        return [np.concatenate([np.asarray(before, np.uint32), *(next(flat) for _ in ps), np.asarray(after, np.uint32)])
+                for ps in parts]
+
+    def _encode_pieces(self, texts: list[str]) -> Iterator[np.ndarray]:
+        """The ids of each text, encoded in batches of at most about BATCH_CHARS characters."""
+        batch, chars = [], 0
+        for text in [*texts, None]:
+            if batch and (text is None or chars + len(text) > BATCH_CHARS):
+                for e in self.tok.encode_batch(batch, add_special_tokens=False):
+                    yield np.asarray(e.ids, np.uint32)  # 4 bytes an id: a long document's ids held once
+                batch, chars = [], 0
+            if text is not None:
+                batch.append(text)
+                chars += len(text)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
@@ -128,15 +193,19 @@ def load_tokenizer(spec: str | None, model_dir: str | None, model_config: dict |
     if spec == "bytes":
         return ByteTokenizer()
     if spec is None:
-        if model_dir is None or not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        if model_dir is None or not os.path.lexists(os.path.join(model_dir, "tokenizer.json")):
             return None
-        tok = HFTokenizer(inside(model_dir, "tokenizer.json", "file"), model_config)
-    else:
-        path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
-        if not os.path.isfile(path):
+        tok = HFTokenizer(os.path.join(model_dir, "tokenizer.json"), model_config)
+    elif os.path.isdir(spec):
+        if not os.path.lexists(os.path.join(spec, "tokenizer.json")):
             raise ConfigError(f"--tokenizer {spec}: no tokenizer.json there; expected a tokenizer.json, a directory "
                               "holding one, or 'bytes'")
-        tok = HFTokenizer(os.path.abspath(path), model_config)
+        tok = HFTokenizer(os.path.join(os.path.abspath(spec), "tokenizer.json"), model_config)
+    elif os.path.isfile(spec):
+        tok = HFTokenizer(os.path.abspath(spec), model_config, file=os.path.abspath(spec))
+    else:
+        raise ConfigError(f"--tokenizer {spec}: no tokenizer.json there; expected a tokenizer.json, a directory "
+                          "holding one, or 'bytes'")
     return ByteTokenizer(tok.directory) if tok.is_bytes() else tok
 
 
@@ -165,10 +234,22 @@ def train_tokenizer(data: str, out: str, vocab_size: int = 4096, text_field: str
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(docs.texts(), trainer)
+    seen = [0]  # documents with some text that is not whitespace
+
+    def texts() -> Iterator[str]:
+        for text in docs.texts():
+            seen[0] += bool(text.strip())
+            yield from pieces(text)
+
+    tok.train_from_iterator(texts(), trainer)
+    if not seen[0]:
+        raise ConfigError(f"{data}: the data holds no text (only empty or blank documents); no tokenizer written")
     with AtomicDir(out, force, [("DATA", data)], "--out") as tmp:
-        tok.save(os.path.join(tmp, "tokenizer.json"))
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
-                       "eos_token": "<|endoftext|>", "model_max_length": 1_000_000}, f, indent=2)
+        def write():
+            tok.save(os.path.join(tmp, "tokenizer.json"))
+            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+                json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
+                           "eos_token": "<|endoftext|>", "model_max_length": 1_000_000}, f, indent=2)
+
+        write_tokenizer_files(write, out)
     return f"trained a {tok.get_vocab_size()}-token byte-level BPE tokenizer on {docs.description}; wrote {out}"
