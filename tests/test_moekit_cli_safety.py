@@ -161,10 +161,11 @@ def test_write_errors_are_one_line_and_leave_nothing(dense_dir, tmp_path, capsys
     from moekit.llama import checkpoint
 
     monkeypatch.setattr(checkpoint.ShardedWriter, "write", fail_with(code))
-    for argv in (["upcycle", dense_dir, tmp_path / "moe", "--no-progress"],
-                 ["train", "tiny", "--out", tmp_path / "run", "--steps", "1", "--no-progress", "--seq-len", "8"]):
+    for argv, where in ((["upcycle", dense_dir, tmp_path / "moe", "--no-progress"], "/the/output/file: "),
+                        (["train", "tiny", "--out", tmp_path / "run", "--steps", "1", "--no-progress", "--seq-len",
+                          "8"], f"{tmp_path / 'run.partial'}: cannot write the checkpoint (")):
         rc, _, err = moekit(capsys, *argv)  # (train has printed its first line: the schedule)
-        assert rc == 2 and err.count("\n") == 1 and f"/the/output/file: {os.strerror(code)}" in err, err
+        assert rc == 2 and err.count("\n") == 1 and f"{where}{os.strerror(code)}" in err, err
         assert names(tmp_path) == []
 
 
