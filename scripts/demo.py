@@ -125,7 +125,7 @@ def main() -> None:
     moekit("plot", d["dense-continued"], d["moe-continued"], "--out", d["plots"])
     if args.docs and not args.toy:
         os.makedirs(args.docs, exist_ok=True)
-        for name in os.listdir(d["plots"]):
+        for name in (n for n in os.listdir(d["plots"]) if n.endswith(".png")):
             shutil.copyfile(os.path.join(d["plots"], name), os.path.join(args.docs, name))
     for name in ("dense-continued", "moe-continued"):
         print(f"  greedy completions, {name}:")
