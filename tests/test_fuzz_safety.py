@@ -10,9 +10,9 @@ import signal
 import struct
 
 import pytest
-from hostile import check_line
 
 from helpers import moekit, sharded_dense
+from hostile import check_line
 
 pytestmark = pytest.mark.slow
 LIMIT_S = 20  # per case: well above any legitimate run here

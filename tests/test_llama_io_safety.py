@@ -7,11 +7,11 @@ import json
 import os
 
 import pytest
-from hostile import refused
 
 from moekit.llama.io import MARKER
 
 from helpers import moekit, sharded_dense
+from hostile import refused
 
 TRAIN = ["--steps", "1", "--batch-size", "2", "--seq-len", "8", "--eval-batches", "1", "--no-progress"]
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from hostile import refused
 from safetensors.torch import save_file
 
 from helpers import moekit
+from hostile import refused
 
 EVIL = "evil\x1b[31m\nX"  # a newline and a terminal escape sequence
 EXPERT = "model.layers.0.mlp.experts.{}.\x1b[2J\nw1.weight"

@@ -7,11 +7,12 @@ import os
 
 import pytest
 import torch
-from hostile import refused, refused_in_time
 
 import moekit.llama.io as io
 from moekit.llama.errors import ConfigError
 from moekit.moe.bench.timing import check_device_memory
+
+from hostile import refused, refused_in_time
 
 
 @pytest.fixture

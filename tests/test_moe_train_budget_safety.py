@@ -3,12 +3,13 @@ would need more memory than the machine has is refused before anything is alloca
 estimate, what is available and what to lower; the estimate of a normal run fits (tests/hostile.py)."""
 
 import pytest
-from hostile import refused
 
 from moekit.llama.io import memory_available
 from moekit.moe.train import TrainOptions
 from moekit.moe.train.budget import run_bytes
 from moekit.moe.train.source import load_model
+
+from hostile import refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"--batch-size": "2", "--seq-len": "8", "--eval-batches": "1", "--grad-accum": "1"}

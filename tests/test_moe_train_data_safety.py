@@ -13,9 +13,9 @@ import sys
 
 import numpy as np
 import pytest
-from hostile import SECRET, check_line, refused, snapshot
 
 from helpers import ROOT, bpe_tokenizer, moekit
+from hostile import SECRET, check_line, refused, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TRAIN = ["--steps", "1", "--batch-size", "2", "--seq-len", "8", "--eval-batches", "1", "--no-progress"]

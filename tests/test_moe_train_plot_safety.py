@@ -9,11 +9,11 @@ import shutil
 import struct
 
 import pytest
-from hostile import SECRET, outside_file, refused
 
 from moekit.moe.train import TrainOptions, train
 
 from helpers import moekit
+from hostile import SECRET, outside_file, refused
 
 pytest.importorskip("matplotlib")
 

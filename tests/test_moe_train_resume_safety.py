@@ -10,11 +10,12 @@ import re
 import shutil
 
 import pytest
-from hostile import SECRET, check_line, outside_file, refused
+from test_moe_train_state import SLOW_TRAIN
 
 from moekit.cli import main
 
 from helpers import moekit, single_thread
+from hostile import SECRET, check_line, outside_file, refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, not two spinning on a busy machine
 RUN = ["--steps", "6", "--save-every", "2", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "8",
@@ -155,8 +156,9 @@ def test_a_resumed_run_reports_its_own_speed_and_the_last_validation_loss(runs, 
     m = re.search(r"6 steps, 192 tokens; resumed at step 4: 2 steps, 64 tokens in [\d.]+ s \(([\d,]+) tokens/s in "
                   r"this run\)", out)
     assert m, out
-    seconds = json.loads((tmp_path / "run" / "train_config.json").read_text())["seconds"]
-    assert int(m[1].replace(",", "")) == pytest.approx(64 / seconds, rel=0.02, abs=1)
+    seconds = json.loads((tmp_path / "run" / "train_config.json").read_text())["seconds"]  # rounded to 1 ms
+    rate = int(m[1].replace(",", ""))
+    assert 64 / (seconds + 0.0005) - 1 <= rate <= 64 / max(seconds - 0.0005, 1e-9) + 1, (rate, seconds)
 
 
 # ---- (e) edited or linked files of the run -------------------------------------------------------------------
@@ -256,17 +258,7 @@ def test_no_complete_state_is_one_line_naming_the_file(runs, tmp_path, capsys):
 
 # ---- the real thing: a 2-process torchrun run stopped, resumed as one process ---------------------------------
 
-SLOW_TRAIN = """
-import sys, time, torch
-step = torch.optim.AdamW.step
-def slow(self, *a, **k):
-    out = step(self, *a, **k)
-    time.sleep(0.3)
-    return out
-torch.optim.AdamW.step = slow
-from moekit import main
-sys.exit(main(["train", *sys.argv[1:]]))
-"""
+SLOWER_TRAIN = SLOW_TRAIN.replace("time.sleep(0.15)", "time.sleep(0.3)")  # two processes: a longer step
 
 
 @pytest.mark.slow
@@ -284,7 +276,7 @@ def test_a_two_process_run_stopped_by_sigterm_resumes_as_one_process(tmp_path):
     whole = subprocess.run([sys.executable, "-m", "moekit", "train", *args, "--grad-accum", "2", "--out",
                             str(tmp_path / "whole")], cwd=ROOT, capture_output=True, text=True, env=env)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    (tmp_path / "slow.py").write_text(SLOW_TRAIN)
+    (tmp_path / "slow.py").write_text(SLOWER_TRAIN)
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                  str(tmp_path / "slow.py"), *args, "--out", str(tmp_path / "cut")], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-from hostile import refused
 
 from moekit.llama import Llama, LlamaConfig
 from moekit.moe.train.sample import complete, for_terminal
 from moekit.moe.train.tokenizer import load_tokenizer
 
 from helpers import moekit, tiny_checkpoint
+from hostile import refused
 
 RULE = "-" * 40
 

@@ -9,9 +9,9 @@ import os
 import shutil
 
 import pytest
-from hostile import SECRET, outside_file, refused
 
 from helpers import moekit, tiny_checkpoint
+from hostile import SECRET, outside_file, refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TRAIN = ["--steps", "1", "--batch-size", "2", "--seq-len", "8", "--eval-batches", "1", "--no-progress"]

@@ -6,10 +6,10 @@ import errno
 import os
 
 import pytest
-from hostile import check_line
 from test_moe_train_data_safety import refused_when_files_are_limited
 
 from helpers import moekit
+from hostile import check_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = ["tiny", "--steps", "6", "--save-every", "2", "--batch-size", "2", "--seq-len", "8", "--eval-batches", "1",

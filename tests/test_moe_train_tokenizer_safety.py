@@ -8,13 +8,13 @@ import json
 import os
 
 import pytest
-from hostile import refused
 from test_moe_train_data_safety import jsonl, refused_when_files_are_limited
 
 from moekit.moe.train import tokenizer as tokenizer_module
 from moekit.moe.train.tokenizer import HFTokenizer, pieces
 
 from helpers import bpe_tokenizer, corpus, moekit
+from hostile import refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOKENIZE = ["--vocab-size", "300", "--no-progress"]

@@ -11,7 +11,6 @@ import shutil
 
 import pytest
 import torch
-from hostile import SECRET, outside_file, refused
 
 from moekit.llama import Llama, LlamaConfig
 from moekit.llama.checkpoint import CheckpointReader
@@ -19,6 +18,7 @@ from moekit.upcycle import read_record
 from moekit.upcycle.record import source_final_lr
 
 from helpers import moekit, sharded_dense
+from hostile import SECRET, outside_file, refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

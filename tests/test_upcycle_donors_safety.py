@@ -9,11 +9,11 @@ import os
 import shutil
 
 import pytest
-from hostile import SECRET, outside_file, refused
 
 from moekit.upcycle import read_record
 
 from helpers import moekit, tiny_checkpoint
+from hostile import SECRET, outside_file, refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,10 +7,11 @@ import json
 import os
 
 import pytest
-from hostile import refused, refused_in_time
 
 from moekit.upcycle.options import MAX_PROMPT_CHARS, MAX_PROMPTS
 from moekit.upcycle.recipe_file import MAX_RECIPE_BYTES
+
+from hostile import refused, refused_in_time
 
 TIMEOUT = 20  # seconds: a refusal takes about one (the child imports no torch); a bomb walked in full takes hours
 

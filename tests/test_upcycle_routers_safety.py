@@ -7,9 +7,10 @@ import os
 import shutil
 
 import pytest
-from hostile import SECRET, outside_file, refused, refused_in_time
 
 from moekit.upcycle.options import MAX_PROMPT_CHARS
+
+from hostile import SECRET, outside_file, refused, refused_in_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

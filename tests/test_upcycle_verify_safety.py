@@ -9,11 +9,11 @@ import os
 import shutil
 
 import pytest
-from hostile import SECRET, outside_file, refused, refused_in_time
 
 from moekit.upcycle import UpcycleOptions, merge_donors
 
 from helpers import donor_prompts, moekit, prompt_flags, single_thread
+from hostile import SECRET, outside_file, refused, refused_in_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
