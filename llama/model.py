@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .checkpoint import CheckpointReader, dtype_from_name, dtype_name, save_state_dict
@@ -117,7 +118,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers, final norm: HF's `model.*` parameter names."""
+    """Embedding, decoder layers, final norm: HF's `model.*` parameter names. `checkpoint_layers`: in training,
+    keep only each decoder layer's input and recompute the layer in backward (activation checkpointing)."""
+
+    checkpoint_layers = False
 
     def __init__(self, config: LlamaConfig, make_mlp: Callable[[int], nn.Module]):
         super().__init__()
@@ -134,8 +138,12 @@ class LlamaModel(nn.Module):
         cos, sin = self.rotary_emb(positions, x.dtype)
         mask = attention_bias_mask(S, past, attention_mask, input_ids.device)
         aux = []
+        recompute = self.checkpoint_layers and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
-            x, a = layer(x, cos, sin, mask, cache)
+            if recompute:
+                x, a = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x, a = layer(x, cos, sin, mask, cache)
             aux.append(a)
         if cache is not None:
             cache.length += S

@@ -12,6 +12,7 @@ from torch import nn
 from moekit import kernels
 
 from .config import MoEConfig
+from .expert_parallel import ExpertGroup, dispatch_experts
 
 
 class SwiGLUExperts(nn.Module):
@@ -19,7 +20,10 @@ class SwiGLUExperts(nn.Module):
 
     gate_up_proj [E, 2F, H]: rows 0..F-1 are expert e's gate_proj, rows F..2F-1 its up_proj;
     down_proj [E, H, F]. Expert e computes down_proj[e] @ (silu(gate @ x) * (up @ x)).
+    Under expert parallelism (`keep_local`) the module holds only its rank's El = E/N experts and `ep` says which.
     """
+
+    ep: ExpertGroup | None = None
 
     def __init__(self, config: MoEConfig):
         super().__init__()
@@ -30,7 +34,17 @@ class SwiGLUExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights [T, k], expert_ids [T, k] -> y [T, H] = sum_j weights[:, j] * expert_{ids[:, j]}(x)."""
+        if self.ep is not None:
+            return dispatch_experts(x, weights, expert_ids, self.gate_up_proj, self.down_proj, self.ep)
         return kernels.swiglu_experts(x, weights, expert_ids, self.gate_up_proj, self.down_proj)
+
+    def keep_local(self, ep: ExpertGroup) -> None:
+        """Keep this rank's experts ep.first .. ep.first + El - 1 only; tokens reach the others through `ep`."""
+        for name in ("gate_up_proj", "down_proj"):
+            full = getattr(self, name)
+            setattr(self, name, nn.Parameter(full.detach()[ep.first:ep.first + ep.local].clone(),
+                                             full.requires_grad))
+        self.ep = ep
 
     def forward_loop(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """The same, one expert at a time: the oracle the grouped path is tested against."""

@@ -46,8 +46,10 @@ from .metrics import (
 )
 from .optim import Schedule, make_optimizer
 from .options import TrainOptions
+from .parallel import Parallel, check_layout
 from .resume import real_paths, restore, resume_command, resumed_options
 from .source import Source, load_inputs, make_schedule
+from . import sharded
 from .state import WorkDir, gathered, save_complete, write_json
 
 
@@ -80,12 +82,14 @@ class Run:
     tokenizer: Any
     data: TokenData
     schedule: Schedule
-    model: nn.Module  # as accelerate prepared it (wrapped for data parallelism under several processes)
+    model: nn.Module  # as accelerate prepared it (wrapped for data parallelism), or sharded by `parallel`
     raw: nn.Module  # the model itself
     optimizer: torch.optim.Optimizer
     scheduler: Any  # the LambdaLR of `schedule`
     flops_per_token: float
     peak: float | None  # peak FLOP/s of one device, for MFU
+    parameters: int  # of the whole model, however it is split
+    parallel: Parallel | None  # sharded or expert-parallel (None: replicated by accelerate)
     interval: Interval = field(default_factory=Interval)  # sums since the last log line
     metrics: list[dict] = field(default_factory=list)
     start_step: int = 0  # the step a resumed run saved
@@ -147,12 +151,21 @@ def start_run(options: TrainOptions, accelerator, work: WorkDir | None, log=None
     schedule = make_schedule(options, source)
     flops_per_token = train_flops_per_token(source.model, options.seq_len)
     peak = options.peak_flops or device_peak_flops(accelerator.device, options.mixed_precision)
+    layout = check_layout(accelerator.num_processes, options.shard_degree, options.expert_parallel,
+                          source.model.config)
+    parameters, parallel, model = source.model.num_parameters(), None, source.model
     set_seed(options.seed)
-    optimizer, scheduler = make_optimizer(source.model, schedule, options.weight_decay, (options.beta1, options.beta2),
+    if layout.parallel:
+        parallel = Parallel.apply(model.to(accelerator.device), layout, accelerator.device, options.mixed_precision,
+                                  options.activation_checkpointing)
+    else:
+        model.model.checkpoint_layers = options.activation_checkpointing
+    optimizer, scheduler = make_optimizer(model, schedule, options.weight_decay, (options.beta1, options.beta2),
                                           options.router_lr_mult, options.train)
-    model, optimizer = accelerator.prepare(source.model, optimizer)
+    if parallel is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
     run = Run(options, accelerator, work, source, tokenizer, data, schedule, model, accelerator.unwrap_model(model),
-              optimizer, scheduler, flops_per_token, peak)
+              optimizer, scheduler, flops_per_token, peak, parameters, parallel)
     restored = bool(work and options.resume) and restore(run, log)
     if work:
         if options.resume:  # without a saved state the run starts over: nothing of it is kept
@@ -163,7 +176,8 @@ def start_run(options: TrainOptions, accelerator, work: WorkDir | None, log=None
         work.write_options(options, {"source": source.description, "data_source": data_source,
                                      "tokenizer": tokenizer.name if tokenizer else None,
                                      "schedule": {**dataclasses.asdict(schedule), "final_lr": schedule.lr_at(
-                                         options.steps - 1)}, "processes": accelerator.num_processes})
+                                         options.steps - 1)}, "processes": accelerator.num_processes,
+                                     "layout": layout.describe()})
     run.initial_val = next((m["val_loss"] for m in run.metrics if m.get("step") == 0 and "val_loss" in m), None)
     if accelerator.log_with:
         accelerator.init_trackers("moekit", config={k: v for k, v in dataclasses.asdict(options).items()
@@ -202,7 +216,11 @@ def train_step(run: Run, step: int) -> float:
     else:
         batch = batch.to(acc.device)
     counts = forward_backward(run, batch)
-    grad_norm = acc.clip_grad_norm_(run.model.parameters(), o.grad_clip or float("inf"))
+    if run.parallel:
+        run.parallel.reduce_gradients(run.model)
+        grad_norm = run.parallel.clip_grad_norm(run.model, o.grad_clip or float("inf"))
+    else:
+        grad_norm = acc.clip_grad_norm_(run.model.parameters(), o.grad_clip or float("inf"))
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
@@ -226,8 +244,7 @@ def log_entry(run: Run, step: int, lr: float) -> dict:
              **{k: values[k] for k in ("lm_loss", "aux_loss", "z_loss") if k in values},
              "grad_norm": values["grad_norm"], "tokens_per_s": round(tokens_per_s, 1),
              "mfu": mfu(run.flops_per_token, tokens_per_s, run.peak, acc.num_processes)}
-    if torch.cuda.is_available():
-        entry["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+    entry["peak_memory_gb"] = peak_memory_gb(acc)
     if run.is_moe:
         entry.update(routing_entry(values))
     run.last_time = now
@@ -265,7 +282,7 @@ def save_state(run: Run, step: int) -> None:
     acc, work, o = run.accelerator, run.work, run.options
     if run.interval.steps:  # every process decides on the same (summed) value, so none waits alone
         check_finite(acc.reduce(run.interval.sums["loss"], "sum").item(), step, "non-finite")
-    full = gathered(acc, run.model)
+    full = full_model(run)
     if acc.is_main_process:
         directory = os.path.join(work.path, f"step-{step:06d}")
         shutil.rmtree(directory, ignore_errors=True)
@@ -273,8 +290,33 @@ def save_state(run: Run, step: int) -> None:
         save_complete(full, directory, o.save_dtype, run.source.directory, run.source.config, run.tokenizer)
     full.train()
     progress = {"step": step, "seq_len": o.seq_len, "global_batch": run.sequences_per_step,
-                "interval": run.interval.state()}
-    work.save_state(acc, step, o.keep_last, progress)
+                "processes": acc.num_processes, "interval": run.interval.state()}
+    write = (lambda d: sharded.save(d, run.raw, run.optimizer, acc.process_index)) if run.parallel else None
+    work.save_state(acc, step, o.keep_last, progress, write)
+
+
+def full_model(run: Run) -> nn.Module:
+    """The model with its full weights on the main process (gathered layer by layer when sharded), eval mode."""
+    if run.parallel:
+        return run.parallel.gathered(run.model, run.accelerator.is_main_process)
+    return gathered(run.accelerator, run.model)
+
+
+def peak_memory_gb(accelerator) -> float:
+    """The largest peak memory of any process: allocated on a GPU, resident (RSS) on a CPU, in GB."""
+    import resource
+
+    if accelerator.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    if accelerator.num_processes == 1:
+        return round(peak / 1e9, 3)
+    import torch.distributed as dist
+
+    t = torch.tensor(float(peak), device=accelerator.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return round(t.item() / 1e9, 3)
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
@@ -319,7 +361,7 @@ def finish_run(run: Run, train_loss: float, val: float, seconds: float) -> Train
     check_finite(train_loss, o.steps)  # never publish OUT with a loss that is not a number
     check_finite(val, o.steps, what="validation loss")
     acc.wait_for_everyone()
-    model = gathered(acc, run.model)
+    model = full_model(run)
     if acc.log_with:
         acc.end_training()
     result = TrainResult(model, o.steps, o.steps * run.tokens_per_step, train_loss, val,
@@ -357,8 +399,9 @@ def train(options: TrainOptions, log=print, given: set[str] | None = None) -> Tr
             main_log(note)
         run = start_run(options, accelerator, work, main_log)
         if main_log:
-            main_log(f"training {run.source.description}: {run.raw.num_parameters():,} parameters, "
-                     f"{accelerator.num_processes} process(es), {run.tokens_per_step:,} tokens per step; "
+            layout = f" ({run.parallel.layout.describe()})" if run.parallel else ""
+            main_log(f"training {run.source.description}: {run.parameters:,} parameters, "
+                     f"{accelerator.num_processes} process(es){layout}, {run.tokens_per_step:,} tokens per step; "
                      f"{run.schedule.describe()}")
         result = _run(run)
     finally:

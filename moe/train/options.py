@@ -69,6 +69,12 @@ class TrainOptions:
                                        default_text="the config's router_z_loss_coef")
     router_bias_rate: float | None = option(None, "MoE: auxiliary-loss-free bias step per optimizer step",
                                             metavar="RATE", min=0, max=1, default_text="the config's")
+    shard_degree: int = option(1, "processes that shard each weight, its gradient and optimizer state (FSDP2); "
+                               "the number of processes: fully sharded, 1: replicated", metavar="S", min=1)
+    expert_parallel: int = option(1, "processes that split each MoE layer's experts between them (E/N each), "
+                                  "tokens sent to their experts' process", metavar="N", min=1)
+    activation_checkpointing: bool = option(False, "recompute each decoder layer in backward instead of keeping "
+                                            "its activations")
     log_every: int = option(10, "steps between metric lines", metavar="N", min=1)
     eval_every: int = option(50, "steps between validation losses, 0 = start and end only", metavar="N", min=0)
     eval_batches: int = option(4, "validation batches per evaluation", metavar="N", min=1)
@@ -86,7 +92,7 @@ class TrainOptions:
     # Options a resumed run may change: they do not alter the computation.
     RESUMABLE: ClassVar[frozenset[str]] = frozenset(
         {"out", "resume", "force", "progress", "log_every", "eval_every", "save_every", "keep_last", "report_to",
-         "token_cache", "peak_flops"})
+         "token_cache", "peak_flops", "shard_degree", "expert_parallel", "activation_checkpointing"})
 
     def __post_init__(self):
         self.validate()
@@ -97,6 +103,8 @@ class TrainOptions:
             raise ConfigError("--out is empty; expected a directory name")
         if self.model is None and not self.resume:
             raise ConfigError("MODEL is required (a checkpoint directory or a preset), unless --resume")
+        if self.shard_degree > 1 and self.mixed_precision == "fp16":
+            raise ConfigError("--shard-degree with --mixed-precision fp16 is not supported; expected bf16 or no")
         if self.resume and not self.out:
             raise ConfigError("--resume needs --out: the run to continue is OUT.partial")
 

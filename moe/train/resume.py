@@ -31,6 +31,7 @@ from moekit.llama.checkpoint import read_header
 from moekit.llama.errors import CheckpointError, ConfigError, shown
 from moekit.llama.io import inside, read_side_json
 
+from . import sharded
 from .metrics import interval_shapes
 from .optim import hyperparameters, schedule_at, set_hyperparameters
 from .options import TrainOptions
@@ -109,11 +110,12 @@ def check_state_files(path: str) -> None:
     names = sorted(os.listdir(path)) if os.path.isdir(path) else []
     if "progress.json" not in names:
         raise IncompleteState(f"{path}: an incomplete training state (no progress.json)")
-    if not any(n.endswith(".safetensors") or n.startswith("pytorch_model") for n in names):
+    sharded = ".metadata" in names  # torch.distributed.checkpoint's (see `sharded`)
+    if not sharded and not any(n.endswith(".safetensors") or n.startswith("pytorch_model") for n in names):
         raise IncompleteState(f"{path}: an incomplete training state (no model weights)")
     for name in names:
         file = inside(path, name, "training state file")  # every file: accelerate reads some we do not name
-        if not name.endswith((".safetensors", ".bin", "progress.json")):
+        if not name.endswith((".safetensors", ".bin", ".distcp", ".metadata", "progress.json")):
             continue
         if not os.path.exists(file) or not stat.S_ISREG(os.stat(file).st_mode):
             raise IncompleteState(f"{file}: not a regular file; expected a file of the training state")
@@ -199,7 +201,11 @@ def restore(run, log=None) -> bool:
     def load(step: int, path: str) -> dict:
         progress = read_progress(path, step, o, run.sequences_per_step)
         try:
-            acc.load_state(path)
+            if run.parallel is not None or sharded.is_sharded_state(path):
+                sharded.load(path, run.raw, run.optimizer, acc.process_index,
+                             progress.get("processes", 1) == acc.num_processes)
+            else:
+                acc.load_state(path)
         except Exception as e:  # safetensors, torch and accelerate each raise their own errors for a damaged file
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise IncompleteState(f"{path}: cannot load the training state ({first})") from e

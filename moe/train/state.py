@@ -180,17 +180,17 @@ class WorkDir:
             with open(os.path.join(self.path, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
-    def save_state(self, accelerator, step: int, keep_last: int, progress: dict) -> None:
-        """accelerate's save_state (model, optimizer, RNG states; all processes take part) and `progress` (step,
-        metric sums: JSON, no pickle) into state/step-N, atomically; keep the last `keep_last`. A failed write
-        (a full disk) is one line naming state/step-N, and leaves no temporary."""
+    def save_state(self, accelerator, step: int, keep_last: int, progress: dict, write=None) -> None:
+        """`write(directory)` (default accelerate's save_state: model, optimizer, RNG states; all processes take
+        part) and `progress` (step, metric sums: JSON, no pickle) into state/step-N, atomically; keep the last
+        `keep_last`. A failed write (a full disk) is one line naming state/step-N, and leaves no temporary."""
         final = os.path.join(self.path, "state", f"step-{step:06d}")
         tmp = final + ".tmp"
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
         try:
-            accelerator.save_state(tmp)
+            (write or accelerator.save_state)(tmp)
             accelerator.wait_for_everyone()
             if self.main:
                 write_json(os.path.join(tmp, "progress.json"), progress)

@@ -1,0 +1,142 @@
+"""The training state of a sharded or expert-parallel run, saved and loaded with torch.distributed.checkpoint:
+each rank writes its own shards (no rank gathers the model), and a state loads into any layout (another number of
+processes, shard or expert-parallel degree: DCP reshards).
+
+Keys name what a tensor is, not where it lived: `model.NAME` and `optim.NAME.exp_avg` / `.exp_avg_sq` / `.step`
+per parameter, a routed expert's weights one key per expert (`model.model.layers.0.mlp.experts.down_proj.5`), and
+`rng.RANK` for each rank's torch RNG state. A state saved by accelerate (a replicated run) loads here too.
+
+E experts, El = E/N on this rank, first = its first expert's global index.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .parallel import is_routed_expert
+
+
+def _expert_view(t: torch.Tensor, j: int) -> torch.Tensor:
+    """Expert j of a stacked [El, ...] weight or moment: a plain view, or, sharded by rows, a DTensor sharing the
+    local storage (loading into it writes the weight)."""
+    if not hasattr(t, "to_local"):
+        return t[j]
+    from torch.distributed.tensor import DTensor, Shard
+
+    placements = [Shard(p.dim - 1) if isinstance(p, Shard) else p for p in t.placements]
+    shape = t.shape[1:]
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(t.to_local()[j], t.device_mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+def _pieces(model: nn.Module, name: str, t: torch.Tensor):
+    """(key, tensor) of a parameter or moment: itself, or a routed expert weight one expert at a time."""
+    if not is_routed_expert(name):
+        yield name, t
+        return
+    ep = getattr(model.get_submodule(name.rsplit(".", 1)[0]), "ep", None)
+    first = ep.first if ep is not None else 0
+    for j in range(t.shape[0]):
+        yield f"{name}.{first + j}", _expert_view(t, j)
+
+
+def init_moments(optimizer) -> None:
+    """AdamW's state for every parameter, zero, as its first step would create it (a load writes into it)."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper, or torch's optimizer
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not opt.state.get(p):
+                local = p.to_local() if hasattr(p, "to_local") else p
+                step = (torch.zeros((), dtype=torch.float32, device=local.device) if group.get("fused") or
+                        group.get("capturable") else torch.tensor(0.0))
+                opt.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+
+def state_tensors(model: nn.Module, optimizer, rank: int | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the training state by key, as views of the live weights and moments (a load writes them)."""
+    opt = getattr(optimizer, "optimizer", optimizer)
+    out = {}
+    for name, p in model.named_parameters():
+        for key, t in _pieces(model, name, p.detach()):
+            out[f"model.{key}"] = t
+        moments = opt.state.get(p)
+        if moments:
+            for m in ("exp_avg", "exp_avg_sq"):
+                for key, t in _pieces(model, name, moments[m]):
+                    out[f"optim.{key}.{m}"] = t
+            out[f"optim.{name}.step"] = moments["step"]
+    if rank is not None:
+        out[f"rng.{rank}"] = torch.get_rng_state()
+    return out
+
+
+def save(path: str, model: nn.Module, optimizer, rank: int) -> None:
+    """Every rank writes its shards of the model and moments, and its RNG state, into the directory `path`."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state_tensors(model, optimizer, rank), checkpoint_id=path)
+
+
+def is_sharded_state(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def load(path: str, model: nn.Module, optimizer, rank: int, same_world: bool) -> None:
+    """The state at `path` (a DCP state, or accelerate's) into the live model and moments, resharded to this
+    layout; the RNG state only when the world is the one that saved it."""
+    init_moments(optimizer)
+    views = state_tensors(model, optimizer, rank if same_world else None)
+    rng = views.pop(f"rng.{rank}", None)
+    if is_sharded_state(path):
+        import torch.distributed.checkpoint as dcp
+
+        target = dict(views, **({f"rng.{rank}": rng.clone()} if rng is not None else {}))
+        dcp.load(target, checkpoint_id=path)
+        if rng is not None:
+            torch.set_rng_state(target[f"rng.{rank}"])
+        return
+    _load_full(views, accelerate_state(path, model, optimizer))
+
+
+def accelerate_state(path: str, model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    """A replicated run's state (accelerate's model.safetensors and optimizer.bin) under this module's keys."""
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    saved = torch.load(os.path.join(path, "optimizer.bin"), map_location="cpu", weights_only=True)
+    opt = getattr(optimizer, "optimizer", optimizer)
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]  # accelerate numbers them so
+    full = {}
+    for name, t in weights.items():
+        full.update(_full_pieces(f"model.{name}", name, t))
+    for i, moments in saved["state"].items():
+        name = order[int(i)]
+        for m in ("exp_avg", "exp_avg_sq"):
+            full.update(_full_pieces(f"optim.{name}", name, moments[m], f".{m}"))
+        full[f"optim.{name}.step"] = moments["step"]
+    return full
+
+
+def _full_pieces(key: str, name: str, t: torch.Tensor, suffix: str = "") -> dict[str, torch.Tensor]:
+    if is_routed_expert(name):
+        return {f"{key}.{e}{suffix}": t[e] for e in range(t.shape[0])}
+    return {f"{key}{suffix}": t}
+
+
+def _load_full(views: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors into the views (their shards: every rank takes its own chunk, no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for key, view in views.items():
+        if key not in full:
+            raise KeyError(f"{key} is not in the state")
+        src = full[key]
+        if hasattr(view, "to_local"):
+            src = distribute_tensor(src.to(view.dtype), view.device_mesh, view.placements, src_data_rank=None)
+            view.to_local().copy_(src.to_local())
+        else:
+            view.copy_(src.to(view.device, view.dtype).view_as(view))
