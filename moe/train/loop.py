@@ -33,6 +33,7 @@ from moekit.llama.errors import ConfigError, MoekitError
 from moekit.llama.io import check_inputs, read_side_json
 from moekit.moe.model import MoEForCausalLM
 
+from . import sharded
 from .data import TokenData
 from .metrics import (
     Interval,
@@ -49,7 +50,6 @@ from .options import TrainOptions
 from .parallel import Parallel, check_layout
 from .resume import real_paths, restore, resume_command, resumed_options
 from .source import Source, load_inputs, make_schedule
-from . import sharded
 from .state import WorkDir, gathered, save_complete, write_json
 
 

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from moekit.llama.errors import ConfigError
-from moekit.moe.experts import SwiGLUExperts
 from moekit.moe.expert_parallel import ExpertGroup
+from moekit.moe.experts import SwiGLUExperts
 
 
 @dataclass(frozen=True)
