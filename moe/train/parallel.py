@@ -131,6 +131,7 @@ class Parallel:
                     fully_shard(m, mesh=self.expert_mesh["edp"], mp_policy=mp,
                                 shard_placement_fn=lambda p: Shard(1))
                     m.set_gradient_divide_factor(float(self.layout.world))
+                    m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
             fully_shard(layer, mesh=dense, mp_policy=mp)
         if not model.config.tie_word_embeddings:
             fully_shard(model.model.embed_tokens, mesh=dense, mp_policy=mp)

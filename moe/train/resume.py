@@ -96,9 +96,14 @@ def keep_global_batch(options: TrainOptions, saved, processes: int, where: str) 
         raise ConfigError(f"the interrupted run used {saved} processes and this one {processes}: its {total} "
                           f"sequences a step (--batch-size {B} x --grad-accum {A} x {saved}) are no multiple of "
                           f"{per}; resume it with {saved} processes")
-    adjusted = dataclasses.replace(options, grad_accum=total // per)
+    S, N = options.shard_degree, options.expert_parallel
+    S = processes if S == saved else (S if processes % S == 0 else 1)  # fully sharded stays fully sharded
+    N = N if processes % N == 0 else 1
+    adjusted = dataclasses.replace(options, grad_accum=total // per, shard_degree=S, expert_parallel=N)
+    degrees = "".join(f", {flag} {new} (was {old})" for flag, new, old in (
+        ("--shard-degree", S, options.shard_degree), ("--expert-parallel", N, options.expert_parallel)) if new != old)
     return adjusted, (f"resuming with {processes} process(es) instead of {saved}: --grad-accum {total // per} "
-                      f"(was {A}) keeps {total} sequences a step")
+                      f"(was {A}) keeps {total} sequences a step{degrees}")
 
 
 def check_state_files(path: str) -> None:

@@ -1,0 +1,203 @@
+"""Training across processes: --shard-degree (FSDP2) and --expert-parallel give the run of one process at the same
+global batch (losses and final weights within 1e-5), resume after kill -9 step for step (also into another
+number of processes), and write outputs that transformers loads with the one-process run's logits. Gloo, CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moekit.moe.train.source import load_model
+
+from helpers import ROOT, one_line_error
+
+# The trainer in a child, with two presets of its own: 8 experts of which the last two are never chosen (their
+# router bias is -100: some ranks' experts receive no tokens), with and without a capacity factor (1.0, patched
+# into the layer: an HF checkpoint cannot record one, so the run could not write its output). SLOW=1: it sleeps
+# after each optimizer step, so a test can kill it between two saved states.
+TRAINER = """
+import math, os, sys, time, torch
+from moekit.moe import config
+from moekit.moe.model import MoEForCausalLM
+from moekit.moe.router import Router
+config.MOE_PRESETS["tiny-moe-idle"] = config.MOE_PRESETS["tiny-moe-capacity"] = config.MOE_PRESETS["tiny-moe-8x2"]
+if "tiny-moe-capacity" in sys.argv:
+    config.MoEConfig.capacity = lambda self, T: math.ceil(T * self.num_experts_per_tok / self.num_local_experts)
+init = MoEForCausalLM._init_weights
+def idle_experts(self, module):
+    init(self, module)
+    if isinstance(module, Router):
+        module.e_score_correction_bias[-2:] = -100.0
+MoEForCausalLM._init_weights = idle_experts
+if os.environ.get("SLOW"):
+    step = torch.optim.AdamW.step
+    def slow(self, *a, **k):
+        out = step(self, *a, **k)
+        time.sleep(0.3)
+        return out
+    torch.optim.AdamW.step = slow
+from moekit import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+COMMON = ["--seq-len", "16", "--log-every", "1", "--eval-every", "3", "--eval-batches", "2", "--no-progress",
+          "--balance", "global", "--router-bias-rate", "0.01", "--lr", "3e-3"]
+KEYS = ("loss", "val_loss", "aux_loss", "z_loss", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("trainer") / "trainer.py"
+    path.write_text(TRAINER)
+    return str(path)
+
+
+def launch(trainer, processes: int, *args, env=None, wait=True):
+    """`moekit train ARGS` in `processes` gloo processes (torchrun), or in this interpreter's python for 1."""
+    run = [sys.executable, trainer] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), trainer]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if not wait:
+        return subprocess.Popen([*run, *args], cwd=ROOT, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run([*run, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def metrics(out) -> dict[int, dict]:
+    return {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def check_same_run(a, b, tol: float = 1e-5) -> None:
+    """Two runs' outputs: the same steps, the metrics and the final weights within tol."""
+    ma, mb = metrics(a), metrics(b)
+    assert sorted(ma) == sorted(mb)
+    for step in ma:
+        for key in KEYS:
+            if key in ma[step]:
+                assert abs(ma[step][key] - mb[step][key]) <= tol, (step, key, ma[step], mb[step])
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+    assert worst <= tol, worst
+
+
+def hf_logits(out) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.arange(3, 40).view(1, -1)).logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-moe-capacity", "tiny-moe-shared"])
+def test_sharded_and_expert_parallel_runs_equal_one_process(trainer, tmp_path, model):
+    args = [model, "--steps", "5", *COMMON]
+    one = ["--batch-size", "4"]
+    if model == "tiny-moe-capacity":  # an expert's capacity counts the tokens of one forward: the same batches
+        args += ["--balance", "micro"]
+        one = ["--batch-size", "2", "--grad-accum", "2", "--eval-batches", "4"]
+    launch(trainer, 1, *args, *one, "--out", str(tmp_path / "one"))
+    for name, layout in (("shard", ["--shard-degree", "2"]), ("ep", ["--expert-parallel", "2"])):
+        done = launch(trainer, 2, *args, "--batch-size", "2", *layout, "--out", str(tmp_path / name))
+        check_same_run(tmp_path / "one", tmp_path / name)
+        assert "process(es) (" in done.stdout  # the layout is said
+    saved = json.loads((tmp_path / "ep" / "train_config.json").read_text())
+    assert saved["processes"] == 2 and saved["options"]["expert_parallel"] == 2
+    assert metrics(tmp_path / "ep")[5]["peak_memory_gb"] > 0.05
+    if model == "tiny-moe-shared":  # qwen2_moe layout: transformers reads it
+        reference = hf_logits(tmp_path / "one")
+        for name in ("shard", "ep"):
+            assert (hf_logits(tmp_path / name) - reference).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+def test_four_processes_expert_parallel_times_sharded(trainer, tmp_path):
+    args = ["tiny-moe-idle", "--steps", "4", *COMMON]
+    launch(trainer, 1, *args, "--batch-size", "4", "--out", str(tmp_path / "one"))
+    launch(trainer, 4, *args, "--batch-size", "1", "--expert-parallel", "2", "--shard-degree", "2",
+           "--activation-checkpointing", "--out", str(tmp_path / "four"))
+    check_same_run(tmp_path / "one", tmp_path / "four")
+    fractions = metrics(tmp_path / "four")[4]["expert_fraction"]
+    assert all(layer[-2:] == [0.0, 0.0] for layer in fractions), fractions  # experts 6 and 7 never chosen
+
+
+def kill_after_state(child, state, step: int) -> None:
+    deadline = time.time() + 180
+    while not (state / f"step-{step:06d}").is_dir() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert (state / f"step-{step:06d}").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before, after", [
+    ((2, ["--shard-degree", "2"]), (2, [])),  # the same layout again
+    ((2, ["--expert-parallel", "2"]), (1, [])),  # a sharded state into one process
+    ((1, []), (2, ["--shard-degree", "2", "--expert-parallel", "2"])),  # a replicated state into both
+], ids=["shard-2", "ep-2-into-1", "1-into-shard-ep"])
+def test_kill_9_then_resume_equals_the_uninterrupted_run(trainer, tmp_path, before, after):
+    args = ["tiny-moe-idle", "--steps", "8", "--batch-size", "2", "--save-every", "3", *COMMON]
+    launch(trainer, 1, *args, "--batch-size", "4", "--out", str(tmp_path / "whole"))
+    (n, layout), out = before, tmp_path / "cut"
+    child = launch(trainer, n, *args, *layout, *(["--batch-size", "4"] if n == 1 else []), "--out", str(out),
+                   env={"SLOW": "1"}, wait=False)
+    kill_after_state(child, tmp_path / "cut.partial" / "state", 3)
+    n, layout = after
+    done = launch(trainer, n, "--resume", "--out", str(out), *layout)
+    check_same_run(tmp_path / "whole", out)
+    if before[0] != after[0]:
+        assert f"resuming with {after[0]} process(es) instead of {before[0]}" in done.stdout, done.stdout
+    assert "state" not in os.listdir(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, processes, expected", [
+    (["--expert-parallel", "3"], 2, "--expert-parallel 3 does not divide the 2 process(es); expected one of 1, 2"),
+    (["--shard-degree", "4"], 2, "--shard-degree 4 does not divide the 2 process(es)"),
+    (["--expert-parallel", "2"], 2, "the model has no routed experts"),
+], ids=["ep-world", "shard-world", "dense"])
+def test_impossible_layouts_are_one_line_before_any_step(trainer, tmp_path, layout, processes, expected):
+    model = "tiny" if "routed" in expected else "tiny-moe"
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), trainer,
+           model, "--steps", "2", *layout, "--out", str(tmp_path / "x")]
+    done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and expected in done.stderr, done.stderr[-2000:]
+    ours = [line for line in done.stderr.splitlines() if line.startswith("moekit train: error:")]
+    assert len(ours) == processes and all(expected in line for line in ours), done.stderr[-2000:]
+    assert "]: Traceback" not in done.stderr and not os.listdir(tmp_path)  # torchrun's own report aside
+
+
+def test_experts_that_do_not_divide_are_refused(capsys, tmp_path):
+    from moekit.moe.config import MoEConfig
+    from moekit.moe.train.parallel import check_layout
+
+    with pytest.raises(Exception, match="--expert-parallel 3 does not divide the model's 4 experts"):
+        check_layout(6, 1, 3, MoEConfig(**{**MoEConfig.PRESETS["tiny-moe"]}))
+    err = one_line_error(capsys, "train", "tiny-moe", "--shard-degree", "2", "--mixed-precision", "fp16",
+                         "--out", str(tmp_path / "x"))
+    assert "--shard-degree with --mixed-precision fp16" in err and not os.listdir(tmp_path)
+
+
+def test_one_process_resumes_the_state_of_a_sharded_run_loaded_by_name(tmp_path):
+    """The keys of a sharded state name each expert, not its rank (see moe.train.sharded)."""
+    from moekit.moe.train.optim import Schedule, make_optimizer
+    from moekit.moe.train.sharded import init_moments, state_tensors
+
+    model = load_model("tiny-moe").model
+    optimizer, _ = make_optimizer(model, Schedule(1e-3, 0, 10), 0.1, (0.9, 0.95))
+    init_moments(optimizer)
+    keys = state_tensors(model, optimizer, rank=0)
+    assert "model.model.layers.0.mlp.experts.down_proj.3" in keys and "rng.0" in keys
+    assert "optim.model.layers.1.mlp.experts.gate_up_proj.2.exp_avg_sq" in keys
+    assert keys["model.model.layers.0.mlp.experts.down_proj.3"].data_ptr() == \
+        model.model.layers[0].mlp.experts.down_proj[3].data_ptr()  # a view: loading writes the weight
