@@ -8,7 +8,8 @@ W processes, S = --shard-degree, N = --expert-parallel, E experts, El = E/N.
                      all-reduced over the world
     routed experts   mesh (W/N expert-data-parallel, N expert-parallel): rank r holds experts (r % N)*El ..;
                      with S > 1 they are also sharded (FSDP2, by rows) over their W/N expert-data-parallel ranks;
-                     their gradients are reduced over those ranks only, divided by W as every other gradient
+                     their gradients are reduced over those ranks only, divided by W as every other gradient;
+                     N = 1: sharded by rows on the dense weights' mesh
 
 The FSDP2 unit is one decoder layer (its MoE block whole, the experts a nested unit on their own mesh: never one
 unit per expert), the embeddings another when untied, and the root (final norm, LM head, tied embeddings).
@@ -42,6 +43,8 @@ class Layout:
 
     def expert_replicas(self) -> int:
         """How many ranks hold the same piece of a routed expert's weight."""
+        if self.expert == 1:
+            return self.dense_replicas()
         return 1 if self.shard > 1 else self.world // self.expert
 
     def dense_replicas(self) -> int:
@@ -125,13 +128,17 @@ class Parallel:
         dense = self.dense_mesh if self.layout.dense_replicas() > 1 else self.dense_mesh["shard"]
         for layer in model.model.layers:
             for m in layer.modules():
-                if isinstance(m, SwiGLUExperts) and self.expert_mesh is not None:
+                if isinstance(m, SwiGLUExperts):
                     # by rows (dim 1): every rank holds a slice of each of its experts, so one expert's state is
-                    # one tensor sharded the same way whatever N is (see `state_tensors`)
-                    fully_shard(m, mesh=self.expert_mesh["edp"], mp_policy=mp,
-                                shard_placement_fn=lambda p: Shard(1))
+                    # one tensor sharded the same way whatever the layout (see `sharded.state_tensors`)
+                    by_rows = lambda p: Shard(1)  # noqa: E731
+                    if self.expert_mesh is None:
+                        fully_shard(m, mesh=dense, mp_policy=mp, shard_placement_fn=by_rows)
+                        continue
+                    fully_shard(m, mesh=self.expert_mesh["edp"], mp_policy=mp, shard_placement_fn=by_rows)
                     m.set_gradient_divide_factor(float(self.layout.world))
-                    m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+                    if self.expert_mesh["edp"].size() > 1:
+                        m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM (on one rank: no comm)
             fully_shard(layer, mesh=dense, mp_policy=mp)
         if not model.config.tie_word_embeddings:
             fully_shard(model.model.embed_tokens, mesh=dense, mp_policy=mp)
@@ -184,6 +191,7 @@ class Parallel:
     def full_tensors(self, model: nn.Module, main: bool):
         """(name, full tensor on the CPU) for every parameter and buffer of `model` in order, gathered from the
         shards and the expert-parallel ranks one at a time (every rank takes part; only `main` keeps them)."""
+        resharded(model)
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             t = t.detach()
             if hasattr(t, "full_tensor"):
@@ -203,3 +211,14 @@ class Parallel:
             return model
         raw = next(c for c in type(model).__mro__ if c.__module__.startswith("moekit."))  # not FSDP's subclass
         return raw.from_state_dict(model.config, state).eval()
+
+
+def resharded(model: nn.Module) -> nn.Module:
+    """`model` with every FSDP2 unit holding its shards again: a forward without backward (evaluation) leaves the
+    root's weights gathered, and the optimizer knows the sharded ones."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return model

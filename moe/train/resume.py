@@ -99,9 +99,13 @@ def keep_global_batch(options: TrainOptions, saved, processes: int, where: str) 
     S, N = options.shard_degree, options.expert_parallel
     S = processes if S == saved else (S if processes % S == 0 else 1)  # fully sharded stays fully sharded
     N = N if processes % N == 0 else 1
-    adjusted = dataclasses.replace(options, grad_accum=total // per, shard_degree=S, expert_parallel=N)
+    windows = options.eval_batches * B * saved  # the validation windows: the same set when it divides
+    V = windows // per if windows % per == 0 else options.eval_batches
+    adjusted = dataclasses.replace(options, grad_accum=total // per, shard_degree=S, expert_parallel=N,
+                                   eval_batches=V)
     degrees = "".join(f", {flag} {new} (was {old})" for flag, new, old in (
-        ("--shard-degree", S, options.shard_degree), ("--expert-parallel", N, options.expert_parallel)) if new != old)
+        ("--eval-batches", V, options.eval_batches), ("--shard-degree", S, options.shard_degree),
+        ("--expert-parallel", N, options.expert_parallel)) if new != old)
     return adjusted, (f"resuming with {processes} process(es) instead of {saved}: --grad-accum {total // per} "
                       f"(was {A}) keeps {total} sequences a step{degrees}")
 

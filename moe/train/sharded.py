@@ -2,8 +2,8 @@
 each rank writes its own shards (no rank gathers the model), and a state loads into any layout (another number of
 processes, shard or expert-parallel degree: DCP reshards).
 
-Keys name what a tensor is, not where it lived: `model.NAME` and `optim.NAME.exp_avg` / `.exp_avg_sq` / `.step`
-per parameter, a routed expert's weights one key per expert (`model.model.layers.0.mlp.experts.down_proj.5`), and
+Keys name what a tensor is, not where it lived: `model.NAME` per parameter and persistent buffer,
+`optim.NAME.exp_avg` / `.exp_avg_sq` / `.step` per parameter, a routed expert's weights one key per expert (`model.model.layers.0.mlp.experts.down_proj.5`), and
 `rng.RANK` for each rank's torch RNG state. A state saved by accelerate (a replicated run) loads here too.
 
 E experts, El = E/N on this rank, first = its first expert's global index.
@@ -16,7 +16,7 @@ import os
 import torch
 from torch import nn
 
-from .parallel import is_routed_expert
+from .parallel import is_routed_expert, resharded
 
 
 def _expert_view(t: torch.Tensor, j: int) -> torch.Tensor:
@@ -59,7 +59,7 @@ def state_tensors(model: nn.Module, optimizer, rank: int | None = None) -> dict[
     """Every tensor of the training state by key, as views of the live weights and moments (a load writes them)."""
     opt = getattr(optimizer, "optimizer", optimizer)
     out = {}
-    for name, p in model.named_parameters():
+    for name, p in resharded(model).named_parameters():
         for key, t in _pieces(model, name, p.detach()):
             out[f"model.{key}"] = t
         moments = opt.state.get(p)
@@ -68,6 +68,10 @@ def state_tensors(model: nn.Module, optimizer, rank: int | None = None) -> dict[
                 for key, t in _pieces(model, name, moments[m]):
                     out[f"optim.{key}.{m}"] = t
             out[f"optim.{name}.step"] = moments["step"]
+    for prefix, module in model.named_modules():  # persistent buffers: the routers' bias
+        for name, b in module._buffers.items():
+            if b is not None and name not in module._non_persistent_buffers_set:
+                out[f"model.{prefix}.{name}" if prefix else f"model.{name}"] = b
     if rank is not None:
         out[f"rng.{rank}"] = torch.get_rng_state()
     return out
