@@ -174,7 +174,7 @@ class Llama(nn.Module):
     """Causal LM: `model` (embeddings, layers, norm) and `lm_head`, as in transformers' LlamaForCausalLM.
 
     Subclasses change the feed-forward of a layer by overriding `make_mlp`, and the on-disk tensor names
-    by overriding `checkpoint_tensors` / `load_checkpoint_tensors` (see moe/)."""
+    by overriding `disk_pairs` / `load_checkpoint_tensors` (see moe/)."""
 
     config_class = LlamaConfig
 
@@ -238,8 +238,13 @@ class Llama(nn.Module):
 
     def checkpoint_tensors(self, format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) pairs as the checkpoint stores them, in order; a tied lm_head is not stored."""
+        return self.disk_pairs(self.state_dict(), format)
+
+    def disk_pairs(self, state: dict[str, torch.Tensor], format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
+        """The checkpoint's (name, tensor) pairs of `state`, in-memory tensors of this model (all, or a whole
+        decoder layer's at a time)."""
         self.resolve_format(format)
-        for name, t in self.state_dict().items():
+        for name, t in state.items():
             if not (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 yield name, t
 

@@ -98,9 +98,9 @@ class MoEForCausalLM(Llama):
         """mixtral or qwen2_moe; `auto`: mixtral when it can express the config (see `moe.formats`)."""
         return formats.choose_format(self.config, format)
 
-    def checkpoint_tensors(self, format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) pairs as a `format` checkpoint stores them (experts one by one)."""
-        return formats.to_disk(self.config, format, dict(super().checkpoint_tensors()))
+    def disk_pairs(self, state: dict[str, torch.Tensor], format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs of `state` as a `format` checkpoint stores them (experts one by one)."""
+        return formats.to_disk(self.config, format, dict(super().disk_pairs(state)))
 
     def load_checkpoint_tensors(self, reader: CheckpointReader, dtype=None) -> dict[str, torch.Tensor]:
         tied = self.config.tie_word_embeddings

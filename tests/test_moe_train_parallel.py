@@ -75,6 +75,11 @@ def metrics(out) -> dict[int, dict]:
     return {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
+def weights(out) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, one file or sharded (a sharded run writes one file per decoder layer)."""
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
 def check_same_run(a, b, tol: float = 1e-5) -> None:
     """Two runs' outputs: the same steps, the metrics and the final weights within tol."""
     ma, mb = metrics(a), metrics(b)
@@ -83,7 +88,7 @@ def check_same_run(a, b, tol: float = 1e-5) -> None:
         for key in KEYS:
             if key in ma[step]:
                 assert abs(ma[step][key] - mb[step][key]) <= tol, (step, key, ma[step], mb[step])
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
     assert worst <= tol, worst

@@ -59,7 +59,7 @@ class TrainingDiverged(MoekitError):
 
 @dataclass
 class TrainResult:
-    model: nn.Module  # the trained model (unwrapped, eval mode)
+    model: nn.Module  # the trained model (unwrapped, eval mode; still split when trained with `parallel`)
     steps: int
     tokens: int  # training tokens seen, all processes
     train_loss: float  # mean loss of the last logging interval (MoE: with router losses)
@@ -282,24 +282,37 @@ def save_state(run: Run, step: int) -> None:
     acc, work, o = run.accelerator, run.work, run.options
     if run.interval.steps:  # every process decides on the same (summed) value, so none waits alone
         check_finite(acc.reduce(run.interval.sums["loss"], "sum").item(), step, "non-finite")
-    full = full_model(run)
+    directory = os.path.join(work.path, f"step-{step:06d}")
     if acc.is_main_process:
-        directory = os.path.join(work.path, f"step-{step:06d}")
         shutil.rmtree(directory, ignore_errors=True)
         os.makedirs(directory)
-        save_complete(full, directory, o.save_dtype, run.source.directory, run.source.config, run.tokenizer)
-    full.train()
+    write_checkpoint(run, directory).train()
     progress = {"step": step, "seq_len": o.seq_len, "global_batch": run.sequences_per_step,
                 "processes": acc.num_processes, "interval": run.interval.state()}
     write = (lambda d: sharded.save(d, run.raw, run.optimizer, acc.process_index)) if run.parallel else None
     work.save_state(acc, step, o.keep_last, progress, write)
 
 
-def full_model(run: Run) -> nn.Module:
-    """The model with its full weights on the main process (gathered layer by layer when sharded), eval mode."""
-    if run.parallel:
-        return run.parallel.gathered(run.model, run.accelerator.is_main_process)
-    return gathered(run.accelerator, run.model)
+def write_checkpoint(run: Run, directory: str) -> nn.Module:
+    """The complete checkpoint in `directory` (every process takes part, the main one writes); returns the trained
+    model in eval mode: whole (gathered under accelerate's FSDP), or as sharded when `run.parallel` (its checkpoint
+    then written one decoder layer at a time)."""
+    acc, o, source = run.accelerator, run.options, run.source
+    main = acc.is_main_process
+    if run.parallel is None:
+        model = gathered(acc, run.model)
+        if main:
+            save_complete(model, directory, o.save_dtype, source.directory, source.config, run.tokenizer)
+        return model
+    units = run.parallel.gathered_units(run.model, main)
+    if main:
+        with torch.device("meta"):
+            shell = next(c for c in type(run.raw).__mro__ if c.__module__.startswith("moekit."))(run.raw.config)
+        save_complete(shell, directory, o.save_dtype, source.directory, source.config, run.tokenizer, units)
+    else:
+        for _ in units:  # the main process gathers them
+            pass
+    return run.raw.eval()
 
 
 def peak_memory_gb(accelerator) -> float:
@@ -361,19 +374,21 @@ def finish_run(run: Run, train_loss: float, val: float, seconds: float) -> Train
     check_finite(train_loss, o.steps)  # never publish OUT with a loss that is not a number
     check_finite(val, o.steps, what="validation loss")
     acc.wait_for_everyone()
-    model = full_model(run)
+    if work:
+        model = write_checkpoint(run, work.path)
+    else:
+        model = run.raw.eval() if run.parallel else gathered(acc, run.model)
     if acc.log_with:
         acc.end_training()
     result = TrainResult(model, o.steps, o.steps * run.tokens_per_step, train_loss, val,
                          run.initial_val if run.initial_val is not None else float("nan"), seconds, run.metrics,
                          work.out if work else None, run.start_step)
     if work and acc.is_main_process:
-        save_complete(model, work.path, o.save_dtype, run.source.directory, run.source.config, run.tokenizer)
         initial = result.initial_val_loss if math.isfinite(result.initial_val_loss) else None  # lost: unknown
         resumed = {"resumed_at_step": run.start_step} if run.start_step else {}
         write_json(os.path.join(work.path, "train_config.json"), {
-            **read_side_json(work.path, "train_config.json", required=True), "model_type": model.config.model_type,
-            "parameters": model.num_parameters(), "tokens": result.tokens, "seconds": round(seconds, 3), **resumed,
+            **read_side_json(work.path, "train_config.json", required=True), "model_type": run.raw.config.model_type,
+            "parameters": run.parameters, "tokens": result.tokens, "seconds": round(seconds, 3), **resumed,
             "train_loss": train_loss, "initial_val_loss": initial, "val_loss": val})
     if work:
         work.finish(o.force)

@@ -188,30 +188,38 @@ class Parallel:
         return self.layout.dense_replicas() if hasattr(p, "to_local") else self.layout.world
 
     # ---- the full model ----------------------------------------------------------------------------------------
-    def full_tensors(self, model: nn.Module, main: bool):
-        """(name, full tensor on the CPU) for every parameter and buffer of `model` in order, gathered from the
-        shards and the expert-parallel ranks one at a time (every rank takes part; only `main` keeps them)."""
+    def gathered_units(self, model: nn.Module, main: bool):
+        """{name: full tensor on the CPU} of one unit at a time (the embeddings, each decoder layer, then the final
+        norm and LM head), gathered from the shards and the expert-parallel ranks: every rank takes part, `main`
+        receives the tensors (the others None), and nobody holds more than one unit beyond its shards."""
         resharded(model)
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            t = t.detach()
-            if hasattr(t, "full_tensor"):
-                t = t.full_tensor()
-            if self.expert_mesh is not None and is_routed_expert(name):
-                group = self.expert_mesh.get_group("ep")
-                parts = [torch.empty_like(t) for _ in range(self.layout.expert)]
-                dist.all_gather(parts, t.contiguous(), group=group)
-                t = torch.cat(parts)  # [E, ...]
-            if main:
-                yield name, t.cpu()
+        units = [("model.embed_tokens", model.model.embed_tokens),
+                 *((f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)),
+                 ("model.norm", model.model.norm)]
+        if not model.config.tie_word_embeddings:
+            units.append(("lm_head", model.lm_head))
+        for prefix, module in units:
+            yield {name: self._full(name, t, main) for name, t in _persistent(module, prefix)}
 
-    def gathered(self, model: nn.Module, main: bool) -> nn.Module:
-        """A plain copy of `model` with its full weights on the main rank (the model itself elsewhere)."""
-        state = dict(self.full_tensors(model, main))
-        if not main:
-            return model
-        raw = next(c for c in type(model).__mro__ if c.__module__.startswith("moekit."))  # not FSDP's subclass
-        return raw.from_state_dict(model.config, state).eval()
+    def _full(self, name: str, t: torch.Tensor, main: bool) -> torch.Tensor | None:
+        t = t.detach()
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        if self.expert_mesh is not None and is_routed_expert(name):
+            parts = [torch.empty_like(t) for _ in range(self.layout.expert)]
+            dist.all_gather(parts, t.contiguous(), group=self.expert_mesh.get_group("ep"))
+            t = torch.cat(parts)  # [E, ...]
+        return t.cpu() if main else None
 
+
+def _persistent(module: nn.Module, prefix: str):
+    """(full name, tensor) of `module`'s parameters and persistent buffers, as its state_dict lists them."""
+    for name, p in module.named_parameters(prefix):
+        yield name, p
+    for mod_prefix, mod in module.named_modules(prefix=prefix):
+        for name, b in mod._buffers.items():
+            if b is not None and name not in mod._non_persistent_buffers_set:
+                yield f"{mod_prefix}.{name}", b
 
 def resharded(model: nn.Module) -> nn.Module:
     """`model` with every FSDP2 unit holding its shards again: a forward without backward (evaluation) leaves the

@@ -31,7 +31,7 @@ import stat
 
 from torch import nn
 
-from moekit.llama.checkpoint import copy_side_files
+from moekit.llama.checkpoint import INDEX_NAME, copy_side_files, dtype_from_name
 from moekit.llama.errors import CheckpointError, ConfigError, MoekitError
 from moekit.llama.io import (
     check_output,
@@ -241,17 +241,18 @@ def _reason(e: BaseException) -> str:
 
 
 def save_complete(model: nn.Module, directory: str, dtype: str, source_dir: str | None, source_config: dict | None,
-                  tokenizer) -> None:
+                  tokenizer, units=None) -> None:
     """A Hugging Face directory a user can load and chat with: config and weights (in `dtype`; auto: the source
     checkpoint's), every non-weight file of the source, and the tokenizer used for training when it came from
     elsewhere (None: token ids were given, no tokenizer to write). Files already in `directory` (metrics, train
-    config) are kept."""
+    config) are kept. `units`: the weights come from these dicts of full tensors (see `write_units`), `model`
+    then only gives the config."""
     if dtype == "auto":
         stored = (source_config or {}).get("torch_dtype") or (source_config or {}).get("dtype")
         dtype = stored if stored in ("float32", "bfloat16", "float16") else "float32"
     tmp = os.path.join(directory, ".checkpoint")
     try:
-        _write_checkpoint(model, tmp, dtype, source_dir, tokenizer)
+        _write_checkpoint(model, tmp, dtype, source_dir, tokenizer, units)
     except Exception as e:  # OSError, or the safetensors / tokenizers writers' own errors of a full disk
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, MoekitError) and e.__cause__ is None:
@@ -262,10 +263,14 @@ def save_complete(model: nn.Module, directory: str, dtype: str, source_dir: str 
     os.rmdir(tmp)
 
 
-def _write_checkpoint(model: nn.Module, tmp: str, dtype: str, source_dir: str | None, tokenizer) -> None:
+def _write_checkpoint(model: nn.Module, tmp: str, dtype: str, source_dir: str | None, tokenizer, units) -> None:
     """`save_complete`'s files, in the directory `tmp`."""
-    fmt = {"format": model.config.model_type} if model.config.model_type in ("mixtral", "qwen2_moe") else {}
-    model.save_pretrained(tmp, force=True, dtype=dtype, **fmt)
+    fmt = model.config.model_type if model.config.model_type in ("mixtral", "qwen2_moe") else "auto"
+    if units is None:
+        model.save_pretrained(tmp, force=True, dtype=dtype, format=fmt)
+    else:
+        os.makedirs(tmp)
+        write_units(tmp, model, units, dtype, fmt)
     if source_dir is not None:
         copy_side_files(source_dir, tmp, skip=("train_config.json", "metrics.jsonl", "upcycling.json"))
     if getattr(tokenizer, "directory", None) not in (None, source_dir):
@@ -278,6 +283,32 @@ def _write_checkpoint(model: nn.Module, tmp: str, dtype: str, source_dir: str | 
         cfg = model.config
         write_json(os.path.join(tmp, "generation_config.json"),
                    {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id})
+
+
+def write_units(directory: str, model: nn.Module, units, dtype: str, format: str) -> None:
+    """config.json and one safetensors shard per unit of `units` (dicts {in-memory name: full tensor}, in the
+    model's order), with the index: a sharded model written without ever holding more than one unit. A failed
+    write still takes every unit, so that the processes gathering them with this one finish too."""
+    from safetensors.torch import save_file
+
+    units = iter(units)
+    try:
+        cast = dtype_from_name(dtype)
+        n = len(model.model.layers) + 2 + (not model.config.tie_word_embeddings)
+        weight_map, total = {}, 0
+        for i, unit in enumerate(units):
+            file = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            tensors = {name: (t.to(cast) if t.is_floating_point() else t).contiguous()
+                       for name, t in model.disk_pairs(unit, format)}
+            save_file(tensors, os.path.join(directory, file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, file))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json(os.path.join(directory, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(os.path.join(directory, "config.json"), model.checkpoint_config(cast, format))
+    except BaseException:
+        for _ in units:
+            pass
+        raise
 
 
 def gathered(accelerator, model) -> nn.Module:
