@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from moekit.llama.errors import MoekitError, one_line
+from moekit.llama.errors import ConfigError, MoekitError, one_line
 from moekit.llama.io import package_version
 from moekit.llama.options import option
 from moekit.moe.accounting.cost import Plan
@@ -34,6 +34,16 @@ class Progress:
 class ParamsOutput:
     json: bool = option(False, "print JSON (total_params, active_params, components, ...)")
     explain: bool = option(False, "show each derived figure's formula and inputs")
+
+
+@dataclass
+class PlannedUpcycle:
+    num_experts: int | None = option(None, "cost an upcycle of the dense TARGET before making it: E experts per "
+                                     "MoE layer (as `moekit upcycle --num-experts`)", metavar="E", min=1)
+    top_k: int = option(2, "with --num-experts: experts per token", metavar="K", min=1)
+    moe_layers: str = option("all", "with --num-experts: all | every-other | a list like 0,2,5", metavar="LAYERS")
+    shared_experts: int = option(0, "with --num-experts: dense shards fused into a shared expert", metavar="S",
+                                 min=0)
 
 
 @dataclass
@@ -96,9 +106,24 @@ def _verify(args, options: VerifyOptions) -> int:
 def _params(args, plan: Plan) -> int:
     from moekit.moe.accounting import as_json, count_params, derive, render_table
 
-    report = derive(count_params(args.target), plan)
+    if not args.num_experts and (args.top_k != 2 or args.moe_layers != "all" or args.shared_experts):
+        raise ConfigError("--top-k, --moe-layers and --shared-experts shape an upcycle: give --num-experts too")
+    report = derive(_planned_upcycle(args) if args.num_experts else count_params(args.target), plan)
     print(json.dumps(as_json(report, args.explain), indent=2) if args.json else render_table(report, args.explain))
     return 0
+
+
+def _planned_upcycle(args):
+    """The count of what `moekit upcycle TARGET --num-experts E ...` would make."""
+    from moekit.moe.accounting import count_params
+    from moekit.upcycle.convert import planned_config
+
+    options = UpcycleOptions(num_experts=args.num_experts, top_k=args.top_k, moe_layers=args.moe_layers,
+                             shared_experts=args.shared_experts)
+    config, layers = planned_config(args.target, options)
+    count = count_params(config)
+    count.target = f"{args.target} upcycled ({args.num_experts} experts, top-{args.top_k}, {len(layers)} MoE layers)"
+    return count
 
 
 def _train(args, options: TrainOptions) -> int:
@@ -191,7 +216,7 @@ COMMANDS = (
                                                 True)),
             (VerifyOutput,)),
     Command("params", Plan, _params, (("target", "TARGET", "preset name, config.json, checkpoint directory, or a "
-                                       "count (7B, 175e9)"),), (ParamsOutput,)),
+                                       "count (7B, 175e9)"),), (PlannedUpcycle, ParamsOutput)),
     Command("train", TrainOptions, _train),
     Command("generate", GenerateOptions, _generate),
     Command("plot", PlotOptions, _plot),

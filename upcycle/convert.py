@@ -30,7 +30,7 @@ from moekit.llama.checkpoint import (
     copy_side_files,
     dtype_from_name,
 )
-from moekit.llama.config import LlamaConfig
+from moekit.llama.config import LLAMA_PRESETS, LlamaConfig
 from moekit.llama.errors import CheckpointError, ConfigError, shown
 from moekit.llama.io import (
     AtomicDir,
@@ -40,6 +40,7 @@ from moekit.llama.io import (
     file_sha256,
     inside,
     package_version,
+    read_config_json,
     write_json,
 )
 from moekit.llama.model import Llama
@@ -157,6 +158,21 @@ def moe_config(dense: LlamaConfig, options: UpcycleOptions, source_name: str) ->
         shared_expert_intermediate_size=shared, shared_expert_gate=shared > 0, norm_topk_prob=True, **sparse)
     assert config.moe_layers == layers, (config.moe_layers, layers)
     return config, formats.choose_format(config, options.format), layers
+
+
+def planned_config(target: str, options: UpcycleOptions) -> tuple[MoEConfig, list[int]]:
+    """The MoE config (and MoE layers) an upcycle of `target` (a dense Llama preset, config.json or checkpoint
+    directory) with `options` would make: what `moekit params DENSE --num-experts E` costs before it is made."""
+    if target.lower() in LLAMA_PRESETS:
+        dense = LlamaConfig.from_name(target.lower())
+    elif os.path.isdir(target) or os.path.isfile(target):
+        path = os.path.join(target, "config.json") if os.path.isdir(target) else target
+        dense = LlamaConfig.from_dict(read_config_json(path), source=path)
+    else:
+        raise ConfigError(f"{shown(target)}: --num-experts costs an upcycle of a dense Llama: expected a llama "
+                          "preset, config.json or checkpoint directory")
+    config, _, layers = moe_config(dense, options, target)
+    return config, layers
 
 
 def plan_upcycle(source, options: UpcycleOptions, layout: Layout | None = None) -> UpcyclePlan:

@@ -36,6 +36,7 @@ class Arch:
     attention_layers: int | None = None  # layers attending over the context (None: all); hybrids have fewer
     sliding_layers: int | None = None  # of those, how many use the window (None: all, when a window is set)
     zero_experts: int = 0  # zero-computation (identity) experts the router may pick besides the E real ones
+    hidden_size: int = 0  # H, what each token copy sends under expert parallelism (0: unknown)
 
 
 @dataclass

@@ -75,8 +75,12 @@ class Plan:
                                        parse=parse_number, gt=0)
     gpus: int = option(1, "GPUs, for memory per GPU and training time", metavar="N", min=1)
     zero: Literal[0, 1, 2, 3] = option(0, "ZeRO stage: 1 shards optimizer states, 2 + gradients, 3 (FSDP) + weights")
-    shard_degree: int | None = option(None, "GPUs the states are sharded over", metavar="N", min=1,
-                                      default_text="--gpus")
+    shard_degree: int | None = option(None, "GPUs the states are sharded over; alone, as `moekit train "
+                                      "--shard-degree`: ZeRO-3 (FSDP)", metavar="N", min=1, default_text="--gpus")
+    expert_parallel: int = option(1, "GPUs each MoE layer's experts are split over, as `moekit train "
+                                  "--expert-parallel` (E/N each)", metavar="N", min=1)
+    activation_checkpointing: bool = option(False, "decoder layers recomputed in backward: the forward all-to-all "
+                                            "runs twice")
     peak_flops: float | None = option(None, "peak FLOP/s per GPU (e.g. 989e12)", metavar="FLOPS",
                                       parse=parse_number, gt=0)
     peak_flops_per_day: float | None = option(None, "peak FLOPs per GPU-day (e.g. 5.2e18)", metavar="FLOPS",
@@ -94,6 +98,11 @@ class Plan:
             raise ConfigError("give the peak as --peak-flops (per second) or --peak-flops-per-day, not both")
         if self.tokens is not None and self.train_flops is not None:
             raise ConfigError("give the training work as --tokens or --train-flops, not both")
+        if self.shard_degree is not None and not self.zero:
+            self.zero = 3  # moekit train --shard-degree: FSDP2
+        for flag, n in (("--shard-degree", self.shard_degree or 1), ("--expert-parallel", self.expert_parallel)):
+            if self.gpus % n:
+                raise ConfigError(f"{flag} {n} does not divide --gpus {self.gpus}")
 
 
 @dataclass
@@ -125,6 +134,10 @@ def derive(count: ParamCount, plan: Plan) -> Report:
     with a peak; cost with a price."""
     plan.check()
     r, b, a = Report(count, plan), DTYPE_BYTES[plan.dtype], count.arch
+    if plan.expert_parallel > 1 and not (a and a.num_experts and a.num_experts % plan.expert_parallel == 0):
+        what = f"its {a.num_experts} experts" if a and a.num_experts else "no routed experts (a dense model)"
+        raise ConfigError(f"--expert-parallel {plan.expert_parallel}: {count.target} has {what}; expected a "
+                          "divisor of the experts per layer")
     P, Nmm = count.total_params, count.matmul_active_params
     ctx, layers, terms = _context(a, plan.seq_len) if a else (plan.seq_len, 0, "")
     attn = 2 * layers * a.num_attention_heads * (a.qk_head_dim + a.v_head_dim) if a else 0
@@ -152,7 +165,9 @@ def derive(count: ParamCount, plan: Plan) -> Report:
         r.figures.append(Figure("kv_cache_bytes", f"KV cache (batch {plan.batch} × {ctx} tokens)", kv, "bytes",
                                 "batch × layers × context × cached_per_token_per_layer × bytes",
                                 f"{plan.batch} × {terms} × {a.kv_cache_dim} × {b}"))
-    r.figures.append(_train_memory(P, b, plan))
+    r.figures.append(_train_memory(count, b, plan))
+    if plan.expert_parallel > 1 and a.hidden_size:
+        r.figures.append(_all_to_all(count, b, plan))
     _time_and_cost(r)
     return r
 
@@ -171,19 +186,41 @@ def _context(a, seq_len: int) -> tuple[int, int, str]:
     return seq_len, (L - Ls) * seq_len + Ls * win, f"({L - Ls} × {seq_len} + {Ls} × {win})"
 
 
-def _train_memory(P: int, b: float, plan: Plan) -> Figure:
-    """Weights + gradients (at dtype) + AdamW m and v (fp32) + fp32 master copy (when dtype is not fp32),
-    each divided by the shard degree where the ZeRO stage shards it."""
-    d = (plan.shard_degree or plan.gpus) if plan.zero else 1
+def _train_memory(count: ParamCount, b: float, plan: Plan) -> Figure:
+    """Weights + gradients (at dtype) + AdamW m and v (fp32) + fp32 master copy (when dtype is not fp32) on one
+    GPU: each divided by the shard degree where the ZeRO stage shards it; with expert parallelism, the routed
+    experts split over N GPUs first, then sharded over the G/N GPUs holding the same experts (as `moekit train`)."""
+    P, N, G = count.total_params, plan.expert_parallel, plan.gpus
+    d = (plan.shard_degree or G) if plan.zero else 1
+    experts = count.total.get("routed_experts", 0) if N > 1 else 0
+    de = G // N if d > 1 else 1  # the experts' shard degree
     master = 4 if b < 4 else 0
     parts = [("weights", b, plan.zero >= 3), ("gradients", b, plan.zero >= 2), ("AdamW m+v", 8, plan.zero >= 1),
              ("fp32 master", master, plan.zero >= 1)]
-    total = sum(P * per / (d if sharded else 1) for _, per, sharded in parts)
+    total = sum(per * ((P - experts) / (d if sharded else 1) + experts / N / (de if sharded else 1))
+                for _, per, sharded in parts)
     terms = " + ".join(f"{per}{f'/{d}' if sharded and d > 1 else ''}" for _, per, sharded in parts if per)
     names = " + ".join(f"{name}{' (sharded)' if sharded and d > 1 else ''}" for name, per, sharded in parts if per)
     where = f"ZeRO-{plan.zero} over {d} GPUs" if plan.zero else "no sharding"
-    return Figure("train_memory_bytes_per_gpu", f"training memory per GPU ({where})", total,
-                  "bytes", f"total_params × ({names})", f"{P:,} × ({terms})")
+    if not experts:
+        return Figure("train_memory_bytes_per_gpu", f"training memory per GPU ({where})", total,
+                      "bytes", f"total_params × ({names})", f"{P:,} × ({terms})")
+    expert_terms = " + ".join(f"{per}{f'/{de}' if sharded and de > 1 else ''}" for _, per, sharded in parts if per)
+    return Figure("train_memory_bytes_per_gpu", f"training memory per GPU ({where}, EP {N})", total,
+                  "bytes", f"(params - routed) × ({names}) + routed / N × (the same, sharded over G/N)",
+                  f"{P - experts:,} × ({terms}) + {experts:,} / {N} × ({expert_terms})")
+
+
+def _all_to_all(count: ParamCount, b: float, plan: Plan) -> Figure:
+    """Bytes one GPU sends per MoE layer and step under expert parallelism: each token's k copies go to the GPU of
+    their expert ((N-1)/N of them off this GPU when routing is uniform) and come back, in forward and backward."""
+    a, N = count.arch, plan.expert_parallel
+    H, k, T = a.hidden_size, a.num_experts_per_tok, plan.batch * plan.seq_len
+    exchanges = 6 if plan.activation_checkpointing else 4  # dispatch + combine, forward (twice) and backward
+    value = T * k * (N - 1) / N * H * b * exchanges
+    return Figure("all_to_all_bytes_per_layer_step", f"all-to-all per GPU, MoE layer and step ({T:,} tokens)",
+                  value, "bytes", "batch × seq_len × k × (N-1)/N × hidden × bytes × exchanges (4; 6 with "
+                  "activation checkpointing)", f"{T:,} × {k} × {N - 1}/{N} × {H} × {b} × {exchanges}")
 
 
 def _time_and_cost(r: Report) -> None:

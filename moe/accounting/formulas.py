@@ -97,7 +97,8 @@ def dbrx(c: Fields, t: Tally, mt: str):
 
 def moekit(cfg, t: Tally):
     """moekit's own MoEConfig (model_type 'moe', or any MoEConfig object): the llama core with routed layers
-    where `cfg.is_moe_layer(i)`, an optional (gated) shared expert, q/k/v biases per `attention_qkv_bias`."""
+    where `cfg.is_moe_layer(i)`, an optional (gated) shared expert, q/k/v biases per `attention_qkv_bias`; every
+    router keeps a correction-bias buffer."""
     V, H, L, N, K, D = (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads,
                         cfg.num_key_value_heads, cfg.head_dim)
     E, k, Fe = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
@@ -105,7 +106,7 @@ def moekit(cfg, t: Tally):
     t.add("norm", 2 * H, L)
     for i in range(L):
         if cfg.is_moe_layer(i):
-            routed(t, H, E, Fe)
+            routed(t, H, E, Fe, correction_bias=True)  # moe/router.py Router: e_score_correction_bias buffer [E]
             if cfg.shared_expert_intermediate_size:
                 t.add("shared_experts", glu(H, cfg.shared_expert_intermediate_size) + (H if cfg.shared_expert_gate
                                                                                        else 0))
@@ -137,6 +138,7 @@ def count_config(config: Any, target: str = "config", source: str = "config") ->
         if isinstance(config, MoEConfig):
             t = Tally()
             tied, arch, k = moekit(config, t)
+            arch.hidden_size = config.hidden_size
             return t.result(k, target=target, source=source, tied=tied, arch=arch, model_type=config.model_type)
         if not hasattr(config, "to_dict"):
             raise ConfigError(f"{target}: expected a config dict or config object, got {type(config).__name__}")
@@ -159,6 +161,8 @@ def count_config(config: Any, target: str = "config", source: str = "config") ->
                           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     t = Tally()
     tied, arch, k = FORMULAS[mt](Fields(config, target), t, mt)
+    if arch and isinstance(config.get("hidden_size"), int):
+        arch.hidden_size = config["hidden_size"]
     count = t.result(k, target=target, source=source, tied=tied, arch=arch, model_type=mt)
     mtp = config.get("num_nextn_predict_layers") or config.get("num_mtp_modules") or 0
     if mtp:

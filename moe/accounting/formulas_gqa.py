@@ -104,8 +104,8 @@ def mimo_v2_flash(c: Fields, t: Tally, mt: str):
 
 def afmoe(c: Fields, t: Tally, mt: str):
     """AFMoE (Arcee Trinity): a sigmoid output gate [N·D, H] on attention, four norms per layer,
-    num_dense_layers dense layers, num_shared_experts fused; its expert_bias (load balancing, a frozen
-    parameter in transformers) is a buffer here."""
+    num_dense_layers dense layers, num_shared_experts fused; its expert_bias (load balancing) is a frozen
+    parameter in transformers, so a parameter here."""
     L, E, k, Fe = c.req("num_hidden_layers"), c.req("num_experts"), c.req("num_experts_per_tok"), \
         c.req("moe_intermediate_size")
     N, H = c.req("num_attention_heads"), c.req("hidden_size")
@@ -114,7 +114,8 @@ def afmoe(c: Fields, t: Tally, mt: str):
     dims = _decoder(c, t, mlp, E, Fe, extra_attention=H * N * D, norms=4, qkv_bias=ab, o_bias=ab,
                     dense_F=c.req("intermediate_size") if "dense" in mlp else 0,
                     shared_F=Fe * c.opt("num_shared_experts", 2, positive=False))
-    t.buffer("expert_bias", E * mlp.count("sparse"))
+    # modeling_afmoe.AfmoeSparseMoeBlock: expert_bias [E], nn.Parameter(requires_grad=False)
+    t.add("router", E, mlp.count("sparse"))
     every = c.opt("global_attn_every_n_layers", 4)
     return _result(c, *dims, E, k, _window_kinds(c, L, lambda i: (i + 1) % every == 0), t)
 
@@ -158,7 +159,7 @@ def flint(c: Fields, t: Tally, mt: str):
 def laguna(c: Fields, t: Tally, mt: str):
     """Laguna: per-layer head counts (num_attention_heads_per_layer), an output gate per head (gating true or
     'per-head') or per channel, layer 0 dense, a shared expert, a correction bias (a frozen parameter in
-    transformers: a buffer here)."""
+    transformers, so a parameter here)."""
     V, H, L, N, K, D = core(c)
     E, k, Fe = c.req("num_experts"), c.req("num_experts_per_tok"), c.req("moe_intermediate_size")
     heads = c.opt("num_attention_heads_per_layer", [N] * L)
@@ -167,8 +168,10 @@ def laguna(c: Fields, t: Tally, mt: str):
         t.add("attention", gqa(H, n, K, D, ab, ab) + linear(H, n if per_head else n * D))
     t.add("norm", 2 * H + 2 * D, L)
     mlp = c.per_layer("mlp_layer_types", L, lambda i: "dense" if i == 0 else "sparse")
-    ffn_layers(t, H, mlp, c.req("intermediate_size") if "dense" in mlp else 0, E, Fe, correction_bias=True,
+    ffn_layers(t, H, mlp, c.req("intermediate_size") if "dense" in mlp else 0, E, Fe,
                shared_F=c.req("shared_expert_intermediate_size", positive=False))
+    # modeling_laguna.LagunaTopKRouter: e_score_correction_bias [E], nn.Parameter(requires_grad=False)
+    t.add("router", E, mlp.count("sparse"))
     kinds = c.per_layer("layer_types", L, lambda i: "full_attention")
     return _result(c, V, H, L, N, K, D, E, k, kinds, t)
 

@@ -105,7 +105,7 @@ def granitemoe(c: Fields, t: Tally, mt: str):
 def ernie4_5_moe(c: Fields, t: Tally, mt: str):
     """ERNIE 4.5 MoE: routed layers i in [moe_layer_start_index, moe_layer_end_index] with (i + 1) %
     moe_layer_interval == 0; use_bias on attention, MLPs and LM head; moe_num_shared_experts fused; tied by
-    default. Its routing-score correction bias is a frozen parameter in transformers: a buffer here."""
+    default. Its routing-score correction bias is a frozen parameter in transformers, so a parameter here."""
     V, H, L, N, K, D = core(c)
     E, k = c.req("moe_num_experts", "num_experts"), c.req("moe_k", "num_experts_per_tok")
     Fe, bias = c.req("moe_intermediate_size"), c.flag("use_bias", False)
@@ -116,8 +116,9 @@ def ernie4_5_moe(c: Fields, t: Tally, mt: str):
     t.add("attention", gqa(H, N, K, D, bias, bias), L)
     t.add("norm", 2 * H, L)
     ffn_layers(t, H, kinds, c.req("intermediate_size") if "dense" in kinds else 0, E, Fe,
-               shared_F=Fe * c.opt("moe_num_shared_experts", 0, positive=False), bias=bias,
-               correction_bias=True)
+               shared_F=Fe * c.opt("moe_num_shared_experts", 0, positive=False), bias=bias)
+    # modeling_ernie4_5_moe.Ernie4_5_MoeStatics: e_score_correction_bias [1, E], nn.Parameter(requires_grad=False)
+    t.add("router", E, kinds.count("sparse"))
     return finish(t, c, V, H, tied_default=True, head_bias=bias), _arch(c, L, N, K, D, E, k), k
 
 

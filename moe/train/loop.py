@@ -44,6 +44,7 @@ from .metrics import (
     routing_entry,
     trackers,
     train_flops_per_token,
+    train_state_bytes,
 )
 from .optim import Schedule, make_optimizer
 from .options import TrainOptions
@@ -245,6 +246,7 @@ def log_entry(run: Run, step: int, lr: float) -> dict:
              "grad_norm": values["grad_norm"], "tokens_per_s": round(tokens_per_s, 1),
              "mfu": mfu(run.flops_per_token, tokens_per_s, run.peak, acc.num_processes)}
     entry["peak_memory_gb"] = peak_memory_gb(acc)
+    entry["train_state_gb"] = largest(acc, train_state_bytes(run.model, run.optimizer))
     if run.is_moe:
         entry.update(routing_entry(values))
     run.last_time = now
@@ -320,16 +322,19 @@ def peak_memory_gb(accelerator) -> float:
     import resource
 
     if accelerator.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    if accelerator.num_processes == 1:
-        return round(peak / 1e9, 3)
-    import torch.distributed as dist
+        return largest(accelerator, torch.cuda.max_memory_allocated())
+    return largest(accelerator, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
 
-    t = torch.tensor(float(peak), device=accelerator.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return round(t.item() / 1e9, 3)
+
+def largest(accelerator, n_bytes: float) -> float:
+    """The largest of the processes' `n_bytes`, in GB (3 decimals)."""
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        t = torch.tensor(float(n_bytes), device=accelerator.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        n_bytes = t.item()
+    return round(n_bytes / 1e9, 6)
 
 
 # ---- the run -------------------------------------------------------------------------------------------------

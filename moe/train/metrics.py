@@ -104,6 +104,20 @@ def routing_entry(values: dict) -> dict:
             "dropped": [int(d) for d in values["dropped"]]}
 
 
+def train_state_bytes(model, optimizer) -> int:
+    """Bytes of the training state this process holds: its weights (or shards of them), a gradient of each trainable
+    one, and the optimizer's moments: what `moekit params --gpus G --shard-degree S --expert-parallel N` plans."""
+    opt = getattr(optimizer, "optimizer", optimizer)
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    total = 0
+    for p in model.parameters():
+        n = local(p).numel() * local(p).element_size()
+        total += n * (2 if p.requires_grad else 1)
+        total += sum(local(t).numel() * local(t).element_size() for t in opt.state.get(p, {}).values()
+                     if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return total
+
+
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))
 
