@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from moekit.moe.accounting import Plan, count_params, derive
-from moekit.moe.train.source import load_model
 
 from helpers import ROOT, one_line_error
 
