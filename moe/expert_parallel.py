@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moekit import kernels
 
@@ -64,5 +63,20 @@ def dispatch_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.T
 
 def _exchange(t: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
     """t [sum(in_splits), H] -> [sum(out_splits), H]: rows in_splits[r] go to rank r, out_splits[r] come from it."""
-    out = all_to_all_single_autograd(t.contiguous(), out_splits, in_splits, group)
-    return torch.ops._c10d_functional.wait_tensor(out)
+    return _AllToAll.apply(t.contiguous(), out_splits, in_splits, group)
+
+
+class _AllToAll(torch.autograd.Function):
+    """torch.distributed.all_to_all_single with its gradient: the same exchange, splits swapped."""
+
+    @staticmethod
+    def forward(ctx, t, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = t.new_empty(sum(out_splits), *t.shape[1:])
+        dist.all_to_all_single(out, t, out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None

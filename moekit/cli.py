@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import signal
 import sys
 import threading
@@ -130,6 +131,13 @@ def _train(args, options: TrainOptions) -> int:
     from moekit.moe.train.loop import train
 
     train(options, given=given_options(TrainOptions, args.argv) | ({"model"} if options.model else set()))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # one process of several, done: leave now
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # the C++ teardown at interpreter exit can abort (std::terminate) while gloo's threads wind down
     return 0
 
 

@@ -140,10 +140,13 @@ class Reference:
     """transformers' own count of a causal LM built from a config on the meta device (no memory, no init),
     walked independently of moe.accounting.
 
-    raw: transformers' count of trainable parameters (tied ones once); total: the same with each experts
-    tensor counted for its real experts only (LongCat allocates rows for its zero-computation experts too).
-    buffers: routing-score correction biases, whether stored as buffers or as frozen parameters.
-    active: every trainable parameter in full, except the stacked [E', ...] (2-D or more) tensors of a module
+    raw: transformers' `sum(p.numel() for p in model.parameters())`: every parameter, tied ones once, frozen
+    ones too (the routing-score correction bias that ERNIE 4.5, AFMoE and Laguna hold as
+    nn.Parameter(requires_grad=False)); total: the same with each experts tensor counted for its real experts only
+    (LongCat allocates rows for its zero-computation experts too).
+    buffers: the routing-score correction biases registered as buffers (DeepSeek-V3 and most others), not
+    parameters and in none of the counts above.
+    active: every parameter in full, except the stacked [E', ...] (2-D or more) tensors of a module
     named `experts` or of a class named *Experts, which count per-expert size × real_experts × k / choices
     (E' the leading dim; real_experts and choices E' unless given; k may be a list, one per layer).
     Skips the test when the installed transformers lacks the model type."""
@@ -162,9 +165,6 @@ class Reference:
             self.model = transformers.AutoModelForCausalLM.from_config(self.config)
         self.raw = self.total = self.active = self.buffers = 0
         for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                self.buffers += p.numel()
-                continue
             self.raw += p.numel()
             module = name.rpartition(".")[0]
             experts = module.rpartition(".")[2] == "experts" or type(
@@ -178,8 +178,8 @@ class Reference:
             self.total += per_expert * E
             self.active += per_expert * E * k_layer / (choices or p.shape[0])
         self.active = round(self.active)
-        self.buffers += sum(b.numel() for n, b in self.model.named_buffers()
-                            if n.endswith(("e_score_correction_bias", "expert_bias")))
+        self.buffers = sum(b.numel() for n, b in self.model.named_buffers()
+                           if n.endswith(("e_score_correction_bias", "expert_bias")))
 
 
 def formula_vs_transformers(model_type: str, k, walk: dict | None = None, **config):

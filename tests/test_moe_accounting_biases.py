@@ -1,7 +1,7 @@
-"""Router biases and routing-score correction terms, in every MoE formula: the total equals transformers'
-`sum(p.numel() for p in model.parameters())` of the model built on the meta device, a correction bias that
-transformers holds as a frozen nn.Parameter (ERNIE 4.5, AFMoE, Laguna) included, under router; a persistent
-buffer of router state is reported in `buffers`, apart from the totals."""
+"""Router biases and routing-score correction terms, in every MoE formula, module walk and checkpoint: the total
+equals transformers' `sum(p.numel() for p in model.parameters())` of the model built on the meta device, a
+correction bias that transformers holds as a frozen nn.Parameter (ERNIE 4.5, AFMoE, Laguna) included, under
+router; a persistent buffer of router state is reported in `buffers`, apart from the totals."""
 
 import pytest
 import test_moe_accounting_formulas_gqa as gqa
@@ -12,7 +12,7 @@ import torch
 from test_moe_accounting_sources import HF_CASES
 
 from moekit.moe import MoEConfig, MoEForCausalLM
-from moekit.moe.accounting import count_config, count_module
+from moekit.moe.accounting import count_checkpoint, count_config, count_module
 
 from helpers import Reference
 
@@ -78,26 +78,80 @@ def test_frozen_correction_bias_counts_under_router(name):
     model_type, k, config, layers, E = FROZEN[name]
     ref = Reference(model_type, k, **config)
     frozen = sum(p.numel() for p in ref.model.parameters() if not p.requires_grad)
-    assert frozen == layers * E and ref.buffers == frozen  # the walk counts trainable parameters only
+    assert frozen == layers * E and ref.buffers == 0  # a parameter, frozen or not, is no buffer
     for cfg in (dict(config, model_type=model_type), ref.config.to_dict()):
         c = count_config(cfg)
-        assert (c.total_params, c.active_params, c.buffers) == (ref.total + frozen, ref.active + frozen, {})
+        assert (c.total_params, c.active_params, c.buffers) == (ref.total, ref.active, {})
     H = config["hidden_size"]
     assert c.total["router"] == c.active["router"] == layers * (E * H + E)  # gate weight [E, H] + bias [E]
-    m = count_module(ref.model)  # the rest agrees with the module walk, component by component
-    assert m.total["router"] == layers * E * H
-    assert {n: v for n, v in c.total.items() if n != "router"} == {n: v for n, v in m.total.items() if n != "router"}
-    assert c.active["routed_experts"] == m.active["routed_experts"] == layers * k * 3 * H * 8
+    assert c.active["routed_experts"] == layers * k * 3 * H * 8
 
 
-@pytest.mark.xfail(strict=True, reason="moe/accounting/sources.py (count_module, count_checkpoint) still reports "
-                                       "a frozen routing bias as a buffer")
 @pytest.mark.parametrize("name", FROZEN)
 def test_module_walk_counts_frozen_correction_bias(name):
-    model_type, k, config, _, _ = FROZEN[name]
+    model_type, k, config, layers, E = FROZEN[name]
     model = meta_model(model_type, config)
     c, m = count_config(dict(config, model_type=model_type)), count_module(model)
-    assert (m.total_params, m.buffers) == (c.total_params, c.buffers)
+    assert (m.total_params, m.buffers) == (c.total_params, c.buffers) == (
+        sum(p.numel() for p in model.parameters()), {})
+    assert (m.total, m.active) == (c.total, c.active)  # component by component
+    assert m.total["router"] == layers * (E * config["hidden_size"] + E)
+    assert "config formula agrees exactly" in m.notes
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_module_walk_total_is_transformers_parameter_count(name):
+    """The module walk follows the same rule on every MoE model: every parameter counts, frozen or not; a
+    persistent router buffer is reported apart."""
+    model_type, _, config = CASES[name]
+    model = meta_model(model_type, config)
+    m = count_module(model)  # LongCat's unused zero-expert rows included: the module holds them
+    assert m.total_params == sum(p.numel() for p in model.parameters())
+    assert m.buffers == {n: v for n, v in persistent_buffers(model).items() if n in ROUTER_STATE}
+
+
+def tiny_checkpoint(model_type: str, config: dict, path):
+    """A tiny random transformers model, saved as transformers saves it (save_pretrained: safetensors, with the
+    checkpoint names of the model type's conversion mapping)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **config))
+    model.save_pretrained(path)
+    return model
+
+
+# the name each checkpoint stores its routing-score correction bias under (transformers renames it on load)
+STORED_AS = {"ernie4_5_moe": "model.layers.1.mlp.moe_statics.e_score_correction_bias",
+             "afmoe": "model.layers.2.mlp.expert_bias", "laguna": "model.layers.1.mlp.experts.e_score_correction_bias"}
+
+
+@pytest.mark.parametrize("name", FROZEN)
+def test_checkpoint_counts_frozen_correction_bias(name, tmp_path):
+    model_type, k, config, layers, E = FROZEN[name]
+    meta_model(model_type, config)  # skips where transformers lacks the model type
+    model = tiny_checkpoint(model_type, config, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert STORED_AS[model_type] in f.keys()
+    c, disk = count_config(dict(config, model_type=model_type)), count_checkpoint(tmp_path)
+    assert (disk.total_params, disk.buffers) == (sum(p.numel() for p in model.parameters()), {})
+    assert (disk.total, disk.active) == (c.total, c.active)
+    assert disk.total["router"] == layers * (E * config["hidden_size"] + E)
+    assert "config.json formula agrees exactly" in disk.notes
+
+
+def test_checkpoint_keeps_deepseek_correction_bias_a_buffer(tmp_path):
+    """DeepSeek-V3 registers gate.e_score_correction_bias as a persistent buffer: on disk under the same kind of
+    name as Laguna's parameter, still a buffer."""
+    model = tiny_checkpoint("deepseek_v3", HF_CASES["deepseek_v3"], tmp_path)
+    disk = count_checkpoint(tmp_path)
+    layers, E, H = 2, 4, 16  # first_k_dense_replace=1 of 3 layers
+    assert disk.total_params == sum(p.numel() for p in model.parameters())
+    assert disk.buffers == {"e_score_correction_bias": layers * E} == {
+        n: v for n, v in persistent_buffers(model).items() if n in ROUTER_STATE}
+    assert disk.total["router"] == layers * E * H
 
 
 @pytest.mark.parametrize("model_type", ["ernie4_5_moe", "afmoe", "laguna"])
@@ -124,3 +178,14 @@ def test_moekit_router_buffer_is_reported(preset):
     assert c.total_params == sum(p.numel() for p in model.parameters())
     assert c.buffers == persistent_buffers(model) == {"e_score_correction_bias": routed * cfg.num_local_experts}
     assert c.buffers == count_module(model).buffers
+
+
+def test_conventions_explain_buffers_only_where_there_are_some():
+    from moekit.moe.accounting.report import conventions
+
+    buffered = count_config(MoEConfig.from_name("tiny-moe"))
+    n = buffered.buffers["e_score_correction_bias"]
+    line = next(s for s in conventions(buffered) if s.startswith("buffers"))
+    assert f"e_score_correction_bias {n:,}" in line and "registers as a buffer" in line and "under router" in line
+    frozen = count_config(moe.ERNIE45_21B)
+    assert frozen.buffers == {} and not any("buffer" in s for s in conventions(frozen))

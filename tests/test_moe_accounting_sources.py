@@ -75,6 +75,24 @@ def test_transformers_models_three_ways(case, tmp_path):
         assert formula.total["routed_experts"] > 0 and formula.total["router"] > 0
 
 
+def test_tied_checkpoint_keeps_lm_head_bias(tmp_path):
+    """ERNIE 4.5 with use_bias ties lm_head.weight to the embedding but keeps lm_head.bias [V] its own; the
+    checkpoint stores both tensors and only the weight counts once."""
+    model, cfg = hf_model("ernie4_5_moe", **TINY, intermediate_size=24, moe_intermediate_size=8, moe_num_experts=4,
+                          moe_k=2, moe_layer_start_index=1, use_bias=True)
+    model.save_pretrained(tmp_path)
+    assert cfg["tie_word_embeddings"] and model.lm_head.weight is model.model.embed_tokens.weight
+    disk = count_checkpoint(tmp_path)
+    attention, dense, shared = 2 * (16 * 16 + 16) + 2 * (16 * 8 + 8), 3 * 16 * 24 + 2 * 24 + 16, 3 * 16 * 16 + 3 * 16
+    by_hand = (64 * 16 + 64 + 16 + 3 * 2 * 16 + 3 * attention + dense  # embedding, head bias, norms, layer 0
+               + 2 * (4 * 16 + 4 + 4 * 3 * 16 * 8 + shared))  # layers 1, 2: gate, correction bias, experts, shared
+    assert disk.total_params == sum(p.numel() for p in model.parameters()) == by_hand == 9_704
+    assert disk.total["lm_head"] == disk.active["lm_head"] == 64  # lm_head.bias [V]
+    assert disk.total["embedding"] == 64 * 16 and disk.tied and disk.buffers == {}
+    same(count_config(cfg), count_module(model), disk)
+    assert "config.json formula agrees exactly" in disk.notes
+
+
 def test_qwen2_moe_components_by_hand():
     model, cfg = hf_model("qwen2_moe", **HF_CASES["qwen2_moe"])
     c = count_module(model)

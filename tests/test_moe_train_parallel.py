@@ -202,6 +202,15 @@ def test_impossible_layouts_are_one_line_before_any_step(trainer, tmp_path, layo
     assert "]: Traceback" not in done.stderr and not os.listdir(tmp_path)  # torchrun's own report aside
 
 
+def test_accelerates_fsdp_plugin_is_refused_for_the_flag(capsys, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: "FSDP"))
+    err = one_line_error(capsys, "train", "tiny-moe", "--out", str(tmp_path / "x"))
+    assert "accelerate's FSDP plugin is not a path of moekit train" in err and "--shard-degree N" in err
+    assert not os.listdir(tmp_path)
+
+
 def test_experts_that_do_not_divide_are_refused(capsys, tmp_path):
     from moekit.moe.config import MoEConfig
     from moekit.moe.train.parallel import check_layout

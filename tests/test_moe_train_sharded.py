@@ -45,3 +45,24 @@ def make_other():
     optimizer, _ = make_optimizer(model, Schedule(1e-3, 0, 10), 0.1, (0.9, 0.95))
     init_moments(optimizer)
     return model, optimizer
+
+
+def test_a_crafted_index_never_runs_code(tmp_path):
+    import os
+    import pickle
+
+    import pytest
+
+    model, optimizer = trained(0)
+    save(str(tmp_path / "state"), model, optimizer, rank=0)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (tmp_path / "state" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    other, other_optimizer = make_other()
+    with pytest.raises(Exception, match="not part of a training state"):
+        load(str(tmp_path / "state"), other, other_optimizer, rank=0, same_world=True)
+    assert not marker.exists()

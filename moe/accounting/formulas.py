@@ -15,8 +15,8 @@ from moekit.llama.errors import ConfigError, shown
 from . import formulas_gqa, formulas_hybrid, formulas_mla, formulas_moe
 from .blocks import COMPONENTS, Arch, Fields, ParamCount, Tally, core, finish, glu, gqa, linear, routed
 
-__all__ = ["COMPONENTS", "FORMULAS", "SUPPORTED_MODEL_TYPES", "Arch", "Fields", "ParamCount", "Tally",
-           "count_config"]
+__all__ = ["COMPONENTS", "FORMULAS", "FROZEN_ROUTING_BIAS", "SUPPORTED_MODEL_TYPES", "Arch", "Fields", "ParamCount",
+           "Tally", "count_config"]
 
 
 def dense_llama(c: Fields, t: Tally, mt: str):
@@ -123,6 +123,11 @@ FORMULAS = {"llama": dense_llama, "mistral": dense_llama, "mixtral": mixtral, "q
             "qwen3_moe": qwen_moe, "olmoe": olmoe, "dbrx": dbrx, **formulas_mla.FORMULAS, **formulas_moe.FORMULAS,
             **formulas_gqa.FORMULAS, **formulas_hybrid.FORMULAS}
 SUPPORTED_MODEL_TYPES = (*FORMULAS, "moe")
+# the model types whose routing-score correction bias transformers holds as nn.Parameter(requires_grad=False), not
+# as a buffer: a parameter (under router) in their formulas, and in their checkpoints, whatever the tensor's name
+# there (ERNIE's mlp.moe_statics.e_score_correction_bias, AFMoE's mlp.expert_bias, Laguna's
+# mlp.experts.e_score_correction_bias); everyone else's is a buffer, apart from the totals
+FROZEN_ROUTING_BIAS = frozenset({"ernie4_5_moe", "afmoe", "laguna"})
 
 
 def _moe_config_class():

@@ -53,9 +53,9 @@ def conventions(count: ParamCount) -> list[str]:
                    "(all k real)")
     if count.buffers:
         kinds = ", ".join(f"{name} {n:,}" for name, n in count.buffers.items())
-        out.append(f"buffers are stored state, not trained parameters, and not in the totals ({kinds}: the "
-                   "routing-score correction bias, updated by load balancing, whether stored as a buffer or a "
-                   "frozen parameter)")
+        out.append(f"buffers are stored state, not parameters, and not in the totals ({kinds}: the routing-score "
+                   "correction bias, updated by load balancing, that this model registers as a buffer; where a "
+                   "model holds it as a frozen parameter, as ERNIE 4.5, AFMoE and Laguna do, it counts under router)")
     if a and a.attention_layers is not None and a.attention_layers < a.num_hidden_layers:
         out.append(f"'attention' includes the linear-time mixers (Mamba, linear / delta-net attention); only the "
                    f"{a.attention_layers} softmax-attention layers have a KV cache and context-length FLOPs")

@@ -9,9 +9,12 @@ a config.json, a checkpoint directory (safetensors headers only, never tensor da
 
 Components: embedding, attention, dense_ffn, routed_experts, shared_experts, router, norm, lm_head, other.
 Active: routed experts count k/E (per layer: k of its E experts), everything else in full. Tied weights count
-once (under embedding). Derived buffers (rotary inv_freq) are not counted; routing-score correction biases
-(e_score_correction_bias, expert_bias) are reported as buffers, apart from the parameters, whether a model
-stores them as buffers or as frozen parameters.
+once (under embedding); an LM-head bias stays separate, under lm_head. The total is transformers'
+sum(p.numel() for p in model.parameters()): a routing-score correction bias (e_score_correction_bias,
+expert_bias) that the model holds as a parameter, even a frozen one (ERNIE 4.5, AFMoE, Laguna), counts under
+router; one held as a buffer (DeepSeek-V3 and most others, moekit's Router) is reported in `buffers`, apart from
+the totals. A checkpoint has names only: its correction biases count as parameters where the model_type is one
+of formulas.FROZEN_ROUTING_BIAS, else as buffers. Derived buffers (rotary inv_freq) are not counted.
 Derived figures (FLOPs, memory, time, cost) are in moe.accounting.cost.
 """
 
@@ -32,13 +35,15 @@ from moekit.llama.options import parse_number
 from moekit.moe.config import MOE_PRESETS, MoEConfig
 
 from .formulas import (
+    FROZEN_ROUTING_BIAS,
     SUPPORTED_MODEL_TYPES,
     ParamCount,
     Tally,
     count_config,
 )
 
-ROUTING_BIASES = {"e_score_correction_bias", "expert_bias"}  # load-balancing state: reported as buffers
+# load-balancing state: under router where the model holds it as a parameter, else reported as a buffer
+ROUTING_BIASES = {"e_score_correction_bias", "expert_bias"}
 _BUFFERS = {"inv_freq", "original_inv_freq", *ROUTING_BIASES}  # stored state, not parameters
 _EMBED = {"embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in", "embeddings"}
 _ATTN = {"self_attn", "attn", "attention", "self_attention", "mamba", "mixer", "linear_attn"}  # token mixers
@@ -53,7 +58,8 @@ MAX_COUNT = 1e18  # a bare count larger than this is a typo (the largest models 
 
 def classify(name: str) -> str | None:
     """The component of a parameter or tensor, from its name (HF, Mixtral, Qwen2-MoE, DeepSeek, DBRX and
-    moekit names); None for a buffer."""
+    moekit names); None for a buffer's name (a routing-score correction bias included: the callers count it under
+    router where the model holds it as a parameter)."""
     parts = name.split(".")
     if parts[-1] in _BUFFERS:
         return None
@@ -115,16 +121,20 @@ def count_checkpoint(path: str | os.PathLike) -> ParamCount:
     E, k = (formula.arch.num_experts, formula.arch.num_experts_per_tok) if formula else _experts_topk(d)
     Z = formula.arch.zero_experts if formula else 0
     tied = formula.tied if formula else bool(d.get("tie_word_embeddings", False))
+    frozen_bias = (formula.model_type if formula else d.get("model_type")) in FROZEN_ROUTING_BIAS
     kinds = {n: classify(n) for n in reader.names()}
     has_embedding = "embedding" in kinds.values()
     t, experts_seen = Tally(), {}
     for name, comp in kinds.items():
         shape = reader.shape(name)
         if comp is None:
-            if routing_bias(name):
+            if not routing_bias(name):
+                continue
+            if not frozen_bias:
                 t.buffer(name.rsplit(".", 1)[-1], math.prod(shape))
-            continue
-        if comp == "lm_head" and tied:
+                continue
+            comp = "router"  # a parameter (frozen) in transformers' model of this model_type
+        if comp == "lm_head" and tied and name.rsplit(".", 1)[-1] == "weight":  # only the weight is tied
             if has_embedding:
                 continue  # a tied matrix stored twice counts once
             comp = "embedding"
@@ -183,7 +193,8 @@ def _config_dict(cfg: Any) -> dict:
 
 
 def count_module(module: nn.Module, config: Any = None, top_k: int | None = None) -> ParamCount:
-    """Counts from a live module's parameters (tied parameters once), classified by name.
+    """Counts from a live module's parameters (tied parameters once, frozen ones too), classified by name; a
+    routing-score correction bias counts under router where it is a parameter, in `buffers` where a buffer.
 
     MoE-aware by duck typing: a parameter under an ``experts`` module, or any 3-D parameter whose leading dim
     is the config's expert count E (stacked experts [E, out, in]), is a routed expert; k/E of it is active,
@@ -209,10 +220,8 @@ def count_module(module: nn.Module, config: Any = None, top_k: int | None = None
                 tied = tied or comp in ("lm_head", "embedding")
                 continue
             seen.add(id(p))
-            if comp is None:
-                if routing_bias(name):  # a frozen parameter in some models (ERNIE 4.5, AFMoE)
-                    t.buffer(p_name, p.numel())
-                continue
+            if comp is None:  # a parameter with a buffer's name counts all the same:
+                comp = "router" if routing_bias(name) else "other"  # a frozen one in ERNIE 4.5, AFMoE, Laguna
             stacked = p.ndim == 3 and comp in ("routed_experts", "dense_ffn", "other") and (
                 comp == "routed_experts" or p.shape[0] == E_cfg)
             if comp == "routed_experts" and p.ndim == 1 and not _EXPERT_INDEX.search(name):

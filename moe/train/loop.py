@@ -48,7 +48,7 @@ from .metrics import (
 )
 from .optim import Schedule, make_optimizer
 from .options import TrainOptions
-from .parallel import Parallel, check_layout
+from .parallel import Parallel, check_layout, resharded
 from .resume import real_paths, restore, resume_command, resumed_options
 from .source import Source, load_inputs, make_schedule
 from .state import WorkDir, gathered, save_complete, write_json
@@ -262,7 +262,7 @@ def evaluate(model, data: TokenData, options: TrainOptions, accelerator) -> floa
                                 accelerator.num_processes):
         out = model(ids.to(accelerator.device), labels=ids.to(accelerator.device), return_logits=False)
         losses.append(out.lm_loss if hasattr(out, "lm_loss") else out.loss)
-    model.train()
+    resharded(model).train()  # FSDP2 leaves the root gathered after a forward without backward
     return accelerator.reduce(torch.stack(losses).mean(), "mean").item()
 
 
@@ -297,7 +297,7 @@ def save_state(run: Run, step: int) -> None:
 
 def write_checkpoint(run: Run, directory: str) -> nn.Module:
     """The complete checkpoint in `directory` (every process takes part, the main one writes); returns the trained
-    model in eval mode: whole (gathered under accelerate's FSDP), or as sharded when `run.parallel` (its checkpoint
+    model in eval mode: whole, or as sharded when `run.parallel` (its checkpoint
     then written one decoder layer at a time)."""
     acc, o, source = run.accelerator, run.options, run.source
     main = acc.is_main_process
@@ -411,6 +411,9 @@ def train(options: TrainOptions, log=print, given: set[str] | None = None) -> Tr
                                   log_with=trackers(options.report_to) or None)
     except (RuntimeError, ValueError) as e:  # e.g. a launch configuration this machine cannot run
         raise ConfigError(f"accelerate cannot set up this launch: {str(e).strip().splitlines()[0]}") from None
+    if accelerator.distributed_type == "FSDP":  # accelerate's plugin: not the path that shards here
+        raise ConfigError("accelerate's FSDP plugin is not a path of moekit train; launch with --multi_gpu (or "
+                          "torchrun) and give --shard-degree N")
     work = WorkDir(options.out, accelerator.is_main_process) if options.out else None
     main_log = log if accelerator.is_main_process else None
     try:

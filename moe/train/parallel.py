@@ -17,6 +17,7 @@ unit per expert), the embeddings another when untied, and the root (final norm, 
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -112,9 +113,12 @@ class Parallel:
             for m in model.modules():
                 if isinstance(m, SwiGLUExperts):
                     m.keep_local(ep)
+        if kind == "cpu":
+            _return_large_frees()
         if S > 1:
             par.dense_mesh = _mesh(kind, (W // S, S), ("replicate", "shard"))
             par._fully_shard(model, mixed_precision)
+            gc.collect()  # the whole weights each process loaded are gone (their pages go back: see above)
         elif N > 1 and mixed_precision == "bf16":  # replicated weights: autocast, as accelerate's prepare does
             model.forward = torch.autocast(kind, dtype=torch.bfloat16)(model.forward)
         return par
@@ -145,25 +149,34 @@ class Parallel:
         fully_shard(model, mesh=dense, mp_policy=mp)
 
     # ---- the step ----------------------------------------------------------------------------------------------
-    def reduce_gradients(self, model: nn.Module) -> None:
+    def reduce_gradients(self, model: nn.Module, bucket_bytes: int = 32 << 20) -> None:
         """Replicated weights under expert parallelism (S = 1): the mean gradient over the world; routed experts
-        over their expert-data-parallel ranks, divided by W. FSDP2 (S > 1) has reduced them in backward."""
+        over their expert-data-parallel ranks, divided by W. In buckets of `bucket_bytes` (one flat copy of a bucket
+        at a time, as DDP does). FSDP2 (S > 1) has reduced them in backward."""
         if self.layout.shard > 1:
             return
         dense, experts = [], []
         for name, p in model.named_parameters():
             if p.grad is not None:
                 (experts if is_routed_expert(name) else dense).append(p.grad)
-        W = self.layout.world
         for grads, group in ((dense, None), (experts, self.expert_mesh.get_group("edp"))):
-            if grads:
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                dist.all_reduce(flat, group=group)
-                flat /= W
-                offset = 0
-                for g in grads:
-                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                    offset += g.numel()
+            bucket, size = [], 0
+            for g in [*grads, None]:  # None: flush the last bucket
+                if g is not None:
+                    bucket.append(g)
+                    size += g.numel() * g.element_size()
+                if bucket and (g is None or size >= bucket_bytes):
+                    self._all_reduce_mean(bucket, group)
+                    bucket, size = [], 0
+
+    def _all_reduce_mean(self, grads: list[torch.Tensor], group) -> None:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat /= self.layout.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """The global gradient norm of the whole model (every piece counted once), and the gradients scaled as
@@ -220,6 +233,19 @@ def _persistent(module: nn.Module, prefix: str):
         for name, b in mod._buffers.items():
             if b is not None and name not in mod._non_persistent_buffers_set:
                 yield f"{mod_prefix}.{name}", b
+
+def _return_large_frees() -> None:
+    """glibc: allocations of 1 MiB and more straight from mmap, so that a freed tensor returns to the system at
+    once. The heap otherwise keeps freed pages, and a sharded run's resident memory would still count the whole
+    model it loaded before sharding and every step's gathered layers (measured: 4.25 GB peak against 2.96 GB for a
+    254M-parameter model on 2 processes, scripts/bench_parallel.py)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "mallopt"):
+        ctypes.CDLL(libc).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
 
 def resharded(model: nn.Module) -> nn.Module:
     """`model` with every FSDP2 unit holding its shards again: a forward without backward (evaluation) leaves the

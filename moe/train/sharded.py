@@ -98,7 +98,12 @@ def load(path: str, model: nn.Module, optimizer, rank: int, same_world: bool) ->
         import torch.distributed.checkpoint as dcp
 
         target = dict(views, **({f"rng.{rank}": rng.clone()} if rng is not None else {}))
-        dcp.load(target, checkpoint_id=path)
+        reader = _tensor_reader(path)
+        try:
+            reader.read_metadata()  # checked here, where its error is one line (DCP wraps it per rank)
+        except Exception as e:
+            raise ValueError(f"{os.path.join(path, '.metadata')}: {e}") from None
+        dcp.load(target, storage_reader=reader)
         if rng is not None:
             torch.set_rng_state(target[f"rng.{rank}"])
         return
@@ -144,3 +149,49 @@ def _load_full(views: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) ->
             view.to_local().copy_(src.to_local())
         else:
             view.copy_(src.to(view.device, view.dtype).view_as(view))
+
+
+def _tensor_reader(path: str):
+    """DCP's file reader with its index (`.metadata`, a pickle) read by an unpickler that builds only DCP's metadata
+    classes and torch sizes and dtypes, and that accepts tensors only: a crafted state never runs code."""
+    import pickle
+    import sys
+
+    import torch.distributed.checkpoint.filesystem
+    import torch.distributed.checkpoint.metadata as dcp_metadata
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ALLOWED_MODULES = (dcp_metadata.__name__, torch.distributed.checkpoint.filesystem.__name__)
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if module in ALLOWED_MODULES and "." not in name:  # DCP's own classes and enums, nothing else of it
+                value = getattr(sys.modules[module], name, None)
+                if isinstance(value, type) and value.__module__ == module:
+                    return value
+            if module == "torch" and name == "Size":
+                return torch.Size
+            if (module, name) == ("torch.serialization", "_get_layout"):  # a layout by its name
+                return torch.serialization._get_layout
+            value = getattr(torch, name, None) if module == "torch" else None
+            if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+                return value
+            if (module, name) in (("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+                                  ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")):  # where it was saved
+                return pickle.Unpickler.find_class(self, module, name)
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a training state")
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(os.path.join(path, ".metadata"), "rb") as f:
+                metadata = Unpickler(f).load()
+            entries = getattr(metadata, "state_dict_metadata", None)
+            if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(entries, dict) or not all(
+                    isinstance(m, dcp_metadata.TensorStorageMetadata) for m in entries.values()):
+                raise ValueError(".metadata does not index tensors only")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = dcp_metadata.StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(path)

@@ -7,10 +7,11 @@ so OUT is only ever a finished run:
     OUT.partial/metrics.jsonl       one line per log step, growing
     OUT.partial/step-NNNNNN/        --save-every: a complete Hugging Face checkpoint (kept in OUT)
     OUT.partial/state/step-NNNNNN/  --save-every: accelerate's training state (model, optimizer, schedule, RNG
-                                    states, step), written atomically, the last --keep-last kept; removed at the end
+                                    states, step), or a sharded run's shards (`sharded`), written atomically, the
+                                    last --keep-last kept; removed at the end
 
-and what it writes there: complete Hugging Face directories (`save_complete`), with full weights under FSDP
-(`gathered`).
+and what it writes there: complete Hugging Face directories (`save_complete`; one decoder layer at a time for a
+sharded run, `write_units`).
 
 A killed run leaves OUT.partial behind; `--resume` continues from its last complete state with the options it
 started with (see `resume`). A new run refuses to start over an interrupted one unless --force.
@@ -312,11 +313,5 @@ def write_units(directory: str, model: nn.Module, units, dtype: str, format: str
 
 
 def gathered(accelerator, model) -> nn.Module:
-    """The trained model with its full weights (gathered from the processes under FSDP), in eval mode."""
-    from accelerate.utils import DistributedType
-
-    raw = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return raw.eval()
-    state = accelerator.get_state_dict(model)  # every process takes part; the main one gets the tensors
-    return type(raw).from_state_dict(raw.config, state) if accelerator.is_main_process else raw.eval()
+    """The trained model of a replicated run, unwrapped from data parallelism, in eval mode."""
+    return accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
