@@ -87,3 +87,46 @@ def test_known_gpus_peak_flops_by_name_and_precision():
     assert known_peak_flops("NVIDIA A10G", half_precision=True) == 125e12
     assert known_peak_flops("NVIDIA L40", half_precision=True) is None  # not an L4 (nor an L40S)
     assert known_peak_flops("CPU (x86_64)", half_precision=True) is None
+
+
+def test_an_upcycle_is_costed_before_it_is_made(tmp_path, capsys):
+    from helpers import tiny_checkpoint
+
+    dense = tiny_checkpoint(tmp_path / "dense", tokenizer=False)
+    flags = ["--num-experts", "4", "--top-k", "2", "--moe-layers", "1", "--shared-experts", "1"]
+    planned = moekit_json(capsys, "params", str(dense), *flags, "--json")
+    rc, _, err = moekit(capsys, "upcycle", str(dense), str(tmp_path / "moe"), *flags, "--no-progress")
+    assert rc == 0, err
+    made = moekit_json(capsys, "params", str(tmp_path / "moe"), "--json")
+    assert (planned["total_params"], planned["active_params"]) == (made["total_params"], made["active_params"])
+    assert planned["components"] == made["components"] and planned["total_params"] > 0
+
+
+def test_layouts_divide_the_training_state_as_moekit_train_splits_it():
+    from moekit.moe.accounting import count_params
+
+    c = count_params("mixtral-8x7b")
+    P, X = c.total_params, c.total["routed_experts"]
+    figure = lambda **kw: {f.key: f.value for f in derive(c, Plan(dtype="bf16", **kw)).figures}  # noqa: E731
+    f = figure(gpus=64, shard_degree=64, expert_parallel=8)  # --shard-degree alone: ZeRO-3
+    assert f["train_memory_bytes_per_gpu"] == pytest.approx((P - X) * 16 / 64 + X / 8 * 16 / 8)
+    assert f["train_weights_bytes_per_gpu"] == pytest.approx((P - X) * 2 / 64 + X / 8 * 2 / 8)
+    assert f["train_optimizer_bytes_per_gpu"] == pytest.approx((P - X) * 12 / 64 + X / 8 * 12 / 8)
+    assert f["all_to_all_bytes_per_layer_step"] == 2048 * 2 * 7 / 8 * 4096 * 2 * 4
+    replicated_ep = figure(gpus=8, expert_parallel=8)
+    assert replicated_ep["train_memory_bytes_per_gpu"] == pytest.approx((P - X) * 16 + X / 8 * 16)
+    assert figure(gpus=8, expert_parallel=8, activation_checkpointing=True)["all_to_all_bytes_per_layer_step"] == \
+        pytest.approx(f["all_to_all_bytes_per_layer_step"] * 6 / 4)
+
+
+@pytest.mark.parametrize("target, flags, expected", [
+    ("mixtral-8x7b", ["--gpus", "8", "--expert-parallel", "3"], "--expert-parallel 3 does not divide --gpus 8"),
+    ("mixtral-8x7b", ["--gpus", "16", "--expert-parallel", "16"], "has its 8 experts; expected a divisor"),
+    ("llama3-8b", ["--gpus", "8", "--expert-parallel", "8"], "no routed experts (a dense model)"),
+    ("llama3-8b", ["--top-k", "4"], "give --num-experts too"),
+    ("mixtral-8x7b", ["--num-experts", "8"], "costs an upcycle of a dense Llama"),
+])
+def test_impossible_plans_are_one_line(capsys, target, flags, expected):
+    from helpers import one_line_error
+
+    assert expected in one_line_error(capsys, "params", target, *flags)

@@ -166,6 +166,8 @@ def derive(count: ParamCount, plan: Plan) -> Report:
                                 "batch × layers × context × cached_per_token_per_layer × bytes",
                                 f"{plan.batch} × {terms} × {a.kv_cache_dim} × {b}"))
     r.figures.append(_train_memory(count, b, plan))
+    if plan.zero or plan.expert_parallel > 1:
+        r.figures.extend(_train_memory_parts(count, b, plan))
     if plan.expert_parallel > 1 and a.hidden_size:
         r.figures.append(_all_to_all(count, b, plan))
     _time_and_cost(r)
@@ -197,8 +199,7 @@ def _train_memory(count: ParamCount, b: float, plan: Plan) -> Figure:
     master = 4 if b < 4 else 0
     parts = [("weights", b, plan.zero >= 3), ("gradients", b, plan.zero >= 2), ("AdamW m+v", 8, plan.zero >= 1),
              ("fp32 master", master, plan.zero >= 1)]
-    total = sum(per * ((P - experts) / (d if sharded else 1) + experts / N / (de if sharded else 1))
-                for _, per, sharded in parts)
+    total = sum(_state_bytes(count, per, plan, sharded) for _, per, sharded in parts)
     terms = " + ".join(f"{per}{f'/{d}' if sharded and d > 1 else ''}" for _, per, sharded in parts if per)
     names = " + ".join(f"{name}{' (sharded)' if sharded and d > 1 else ''}" for name, per, sharded in parts if per)
     where = f"ZeRO-{plan.zero} over {d} GPUs" if plan.zero else "no sharding"
@@ -209,6 +210,28 @@ def _train_memory(count: ParamCount, b: float, plan: Plan) -> Figure:
     return Figure("train_memory_bytes_per_gpu", f"training memory per GPU ({where}, EP {N})", total,
                   "bytes", f"(params - routed) × ({names}) + routed / N × (the same, sharded over G/N)",
                   f"{P - experts:,} × ({terms}) + {experts:,} / {N} × ({expert_terms})")
+
+
+def _train_memory_parts(count: ParamCount, b: float, plan: Plan) -> list[Figure]:
+    """The training memory per GPU split into weights, gradients and optimizer state (AdamW m, v and the fp32
+    master copy), each as `_train_memory` divides it."""
+    out = []
+    for key, label, per, stage in (("weights", "weights", b, 3), ("gradients", "gradients", b, 2),
+                                   ("optimizer", "optimizer state", 8 + (4 if b < 4 else 0), 1)):
+        value = _state_bytes(count, per, plan, plan.zero >= stage)
+        out.append(Figure(f"train_{key}_bytes_per_gpu", f"  of which {label}", value, "bytes",
+                          f"{per} bytes per parameter, as the training memory divides it", f"{value:,.0f}"))
+    return out
+
+
+def _state_bytes(count: ParamCount, per: float, plan: Plan, sharded: bool) -> float:
+    """Bytes per GPU of a state of `per` bytes per parameter: the dense part ÷ the shard degree when `sharded`,
+    the routed experts ÷ N (then ÷ G/N when sharded)."""
+    P, N, G = count.total_params, plan.expert_parallel, plan.gpus
+    d = (plan.shard_degree or G) if plan.zero else 1
+    experts = count.total.get("routed_experts", 0) if N > 1 else 0
+    de = G // N if d > 1 else 1
+    return per * ((P - experts) / (d if sharded else 1) + experts / N / (de if sharded else 1))
 
 
 def _all_to_all(count: ParamCount, b: float, plan: Plan) -> Figure:

@@ -48,7 +48,7 @@ from .metrics import (
 )
 from .optim import Schedule, make_optimizer
 from .options import TrainOptions
-from .parallel import Parallel, check_layout, resharded
+from .parallel import Parallel, check_layout, resharded, return_large_frees
 from .resume import real_paths, restore, resume_command, resumed_options
 from .source import Source, load_inputs, make_schedule
 from .state import WorkDir, gathered, save_complete, write_json
@@ -148,6 +148,8 @@ def start_run(options: TrainOptions, accelerator, work: WorkDir | None, log=None
     """The run, ready for its first (or resumed) step; OUT.partial created (or reopened) and its options written."""
     from accelerate.utils import set_seed
 
+    if (options.shard_degree > 1 or options.expert_parallel > 1) and accelerator.device.type == "cpu":
+        return_large_frees()  # before the whole model is loaded, to be split
     source, tokenizer, data, data_source = load_inputs(options, accelerator)
     schedule = make_schedule(options, source)
     flops_per_token = train_flops_per_token(source.model, options.seq_len)

@@ -113,14 +113,12 @@ class Parallel:
             for m in model.modules():
                 if isinstance(m, SwiGLUExperts):
                     m.keep_local(ep)
-        if kind == "cpu":
-            _return_large_frees()
         if S > 1:
             par.dense_mesh = _mesh(kind, (W // S, S), ("replicate", "shard"))
             par._fully_shard(model, mixed_precision)
-            gc.collect()  # the whole weights each process loaded are gone (their pages go back: see above)
         elif N > 1 and mixed_precision == "bf16":  # replicated weights: autocast, as accelerate's prepare does
             model.forward = torch.autocast(kind, dtype=torch.bfloat16)(model.forward)
+        gc.collect()  # the whole weights each process loaded are gone (see `return_large_frees`)
         return par
 
     def _fully_shard(self, model: nn.Module, mixed_precision: str) -> None:
@@ -234,10 +232,10 @@ def _persistent(module: nn.Module, prefix: str):
             if b is not None and name not in mod._non_persistent_buffers_set:
                 yield f"{mod_prefix}.{name}", b
 
-def _return_large_frees() -> None:
+def return_large_frees() -> None:
     """glibc: allocations of 1 MiB and more straight from mmap, so that a freed tensor returns to the system at
-    once. The heap otherwise keeps freed pages, and a sharded run's resident memory would still count the whole
-    model it loaded before sharding and every step's gathered layers (measured: 4.25 GB peak against 2.96 GB for a
+    once (set before a sharded or expert-parallel CPU run loads its model). The heap otherwise keeps freed pages,
+    and the run's resident memory would still count the whole model it loaded and every step's gathered layers (measured: 4.25 GB peak against 2.96 GB for a
     254M-parameter model on 2 processes, scripts/bench_parallel.py)."""
     import ctypes
     import ctypes.util
