@@ -1,6 +1,7 @@
 """The Mixture-of-Experts model on the llama core, and nothing else: config (`config`), router, stacked SwiGLU
-experts (computed through `kernels`), the MoE feed-forward layer, the router losses, the causal LM, and the
-Hugging Face MoE checkpoint formats (`formats`). It imports only `llama` and `kernels`.
+experts (computed through `kernels`, or split over processes by `expert_parallel`), the MoE feed-forward layer,
+the router losses, the causal LM, and the Hugging Face MoE checkpoint formats (`formats`). It imports only `llama`
+and `kernels`.
 
 Beside the model, rooms for the jobs built on it: `moekit.moe.accounting` (total vs active parameters, FLOPs, memory,
 cost), `moekit.moe.train` (the accelerate trainer and its data) and `moekit.moe.bench` (benchmarks). Exports load on first use.

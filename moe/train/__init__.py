@@ -10,6 +10,9 @@
     source     what is trained: a checkpoint directory or a preset (`load_model`), its data and schedule
     budget     the memory a run needs, estimated before anything large is allocated
     resume     continuing an interrupted run: its options, the newest state that loads, the command
+    parallel   beyond replication: device meshes, FSDP2 sharding (--shard-degree), expert parallelism
+               (--expert-parallel), gradients, clipping and the gathered checkpoint of a split model
+    sharded    a split run's training state through torch.distributed.checkpoint, resharded on load
     loop       the loop itself, in phases: set up or resume, step, log, evaluate, save, publish OUT
     plot       PNG plots of runs (`moekit plot`)
     sample     completions from a checkpoint with its own tokenizer (`moekit generate`)

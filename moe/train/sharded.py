@@ -3,8 +3,9 @@ each rank writes its own shards (no rank gathers the model), and a state loads i
 processes, shard or expert-parallel degree: DCP reshards).
 
 Keys name what a tensor is, not where it lived: `model.NAME` per parameter and persistent buffer,
-`optim.NAME.exp_avg` / `.exp_avg_sq` / `.step` per parameter, a routed expert's weights one key per expert (`model.model.layers.0.mlp.experts.down_proj.5`), and
-`rng.RANK` for each rank's torch RNG state. A state saved by accelerate (a replicated run) loads here too.
+`optim.NAME.exp_avg` / `.exp_avg_sq` / `.step` per parameter, a routed expert's weights one key per expert
+(`model.model.layers.0.mlp.experts.down_proj.5`), and `rng.RANK` for each rank's torch RNG state. A state saved
+by accelerate (a replicated run) loads here too.
 
 E experts, El = E/N on this rank, first = its first expert's global index.
 """
@@ -115,6 +116,8 @@ def accelerate_state(path: str, model: nn.Module, optimizer) -> dict[str, torch.
     from safetensors.torch import load_file
 
     weights = load_file(os.path.join(path, "model.safetensors"))
+    if "lm_head.weight" in weights and model.config.tie_word_embeddings:  # one tensor under either name
+        weights.setdefault("model.embed_tokens.weight", weights.pop("lm_head.weight"))
     saved = torch.load(os.path.join(path, "optimizer.bin"), map_location="cpu", weights_only=True)
     opt = getattr(optimizer, "optimizer", optimizer)
     names = {id(p): n for n, p in model.named_parameters()}
