@@ -202,7 +202,8 @@ def test_train_into_a_directory_that_does_not_exist_yet(tmp_path, capsys):
 # ---- signals ---------------------------------------------------------------------------------------------
 
 SLOW_UPCYCLE = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as at a terminal, even if a launcher ignores it
 from moekit.llama import checkpoint
 write = checkpoint.ShardedWriter.write
 def slow_write(self, name, tensor):
