@@ -159,7 +159,7 @@ def start_run(options: TrainOptions, accelerator, work: WorkDir | None, log=None
     parameters, parallel, model = source.model.num_parameters(), None, source.model
     set_seed(options.seed)
     if layout.parallel:
-        parallel = Parallel.apply(model.to(accelerator.device), layout, accelerator.device, options.mixed_precision,
+        parallel = Parallel.apply(model, layout, accelerator.device, options.mixed_precision,
                                   options.activation_checkpointing)
     else:
         model.model.checkpoint_layers = options.activation_checkpointing

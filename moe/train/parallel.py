@@ -101,7 +101,9 @@ class Parallel:
     @classmethod
     def apply(cls, model: nn.Module, layout: Layout, device: torch.device, mixed_precision: str,
               activation_checkpointing: bool) -> Parallel:
-        """Split `model` in place as `layout` says (every rank calls it, with the same full model)."""
+        """Split `model` (on the CPU) in place as `layout` says and move it to `device`: every rank calls it with
+        the same full model, and the device receives only this rank's part (FSDP2 moves each unit as it shards it;
+        under expert parallelism alone, the model moves once it holds only its experts)."""
         kind = device.type
         par = cls(layout)
         W, S, N = layout.world, layout.shard, layout.expert
@@ -116,8 +118,10 @@ class Parallel:
         if S > 1:
             par.dense_mesh = _mesh(kind, (W // S, S), ("replicate", "shard"))
             par._fully_shard(model, mixed_precision)
-        elif N > 1 and mixed_precision == "bf16":  # replicated weights: autocast, as accelerate's prepare does
-            model.forward = torch.autocast(kind, dtype=torch.bfloat16)(model.forward)
+        else:
+            model.to(device)
+            if mixed_precision == "bf16":  # replicated weights: autocast, as accelerate's prepare does
+                model.forward = torch.autocast(kind, dtype=torch.bfloat16)(model.forward)
         gc.collect()  # the whole weights each process loaded are gone (see `return_large_frees`)
         return par
 
