@@ -299,8 +299,8 @@ def save_state(run: Run, step: int) -> None:
 
 def write_checkpoint(run: Run, directory: str) -> nn.Module:
     """The complete checkpoint in `directory` (every process takes part, the main one writes); returns the trained
-    model in eval mode: whole, or as sharded when `run.parallel` (its checkpoint
-    then written one decoder layer at a time)."""
+    model in eval mode: whole, or still split when `run.parallel` (the checkpoint then gathered and written one
+    decoder layer at a time)."""
     acc, o, source = run.accelerator, run.options, run.source
     main = acc.is_main_process
     if run.parallel is None:
@@ -329,7 +329,7 @@ def peak_memory_gb(accelerator) -> float:
 
 
 def largest(accelerator, n_bytes: float) -> float:
-    """The largest of the processes' `n_bytes`, in GB (3 decimals)."""
+    """The largest of the processes' `n_bytes`, in GB (to the kB)."""
     if accelerator.num_processes > 1:
         import torch.distributed as dist
 

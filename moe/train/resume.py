@@ -119,8 +119,8 @@ def check_state_files(path: str) -> None:
     names = sorted(os.listdir(path)) if os.path.isdir(path) else []
     if "progress.json" not in names:
         raise IncompleteState(f"{path}: an incomplete training state (no progress.json)")
-    sharded = ".metadata" in names  # torch.distributed.checkpoint's (see `sharded`)
-    if not sharded and not any(n.endswith(".safetensors") or n.startswith("pytorch_model") for n in names):
+    dcp_state = ".metadata" in names  # torch.distributed.checkpoint's (see `sharded`)
+    if not dcp_state and not any(n.endswith(".safetensors") or n.startswith("pytorch_model") for n in names):
         raise IncompleteState(f"{path}: an incomplete training state (no model weights)")
     for name in names:
         file = inside(path, name, "training state file")  # every file: accelerate reads some we do not name
