@@ -231,3 +231,19 @@ def test_activation_checkpointing_gives_the_plain_run(tmp_path):
     for name, recompute in (("plain", False), ("recomputed", True)):
         train(TrainOptions(**base, activation_checkpointing=recompute, out=str(tmp_path / name)), log=lambda *a: None)
     check_same_run(tmp_path / "plain", tmp_path / "recomputed", tol=0.0)  # the same arithmetic, recomputed
+
+
+@pytest.mark.slow
+def test_a_damaged_sharded_state_falls_back_to_the_previous_one(trainer, tmp_path):
+    args = ["tiny-moe-idle", "--steps", "8", "--batch-size", "2", "--save-every", "2", "--keep-last", "3", *COMMON,
+            "--balance", "micro"]
+    launch(trainer, 1, *args, "--grad-accum", "2", "--eval-batches", "4", "--out", str(tmp_path / "whole"))
+    out, state = tmp_path / "cut", tmp_path / "cut.partial" / "state"
+    child = launch(trainer, 2, *args, "--shard-degree", "2", "--out", str(out), env={"SLOW": "1"}, wait=False)
+    kill_after_state(child, state, 4, str(out))
+    shard = state / "step-000004" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])  # cut, as a full disk or a kill mid-write leaves it
+    done = launch(trainer, 1, "--resume", "--out", str(out))
+    assert "step-000004" in done.stdout and "resuming from the previous complete state, step 2" in done.stdout, \
+        done.stdout
+    check_same_run(tmp_path / "whole", out)

@@ -13,6 +13,7 @@ E experts, El = E/N on this rank, first = its first expert's global index.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -97,6 +98,7 @@ def load(path: str, model: nn.Module, optimizer, rank: int, same_world: bool) ->
     rng = views.pop(f"rng.{rank}", None)
     if is_sharded_state(path):
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         target = dict(views, **({f"rng.{rank}": rng.clone()} if rng is not None else {}))
         reader = _tensor_reader(path)
@@ -104,7 +106,15 @@ def load(path: str, model: nn.Module, optimizer, rank: int, same_world: bool) ->
             reader.read_metadata()  # checked here, where its error is one line (DCP wraps it per rank)
         except Exception as e:
             raise ValueError(f"{os.path.join(path, '.metadata')}: {e}") from None
-        dcp.load(target, storage_reader=reader)
+        try:
+            with warnings.catch_warnings():  # one process: DCP says it assumes so
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+                dcp.load(target, storage_reader=reader)
+        except CheckpointException as e:  # a BaseException: one line of what failed first
+            first = next(iter(e.failures.values()), e)
+            first = first[0] if isinstance(first, tuple) else first  # (exception, its frames)
+            detail = f"{type(first).__name__}: {str(first)[:160]}" if str(first) else type(first).__name__
+            raise ValueError(f"a file of the state is cut short or damaged ({detail})") from None
         if rng is not None:
             torch.set_rng_state(target[f"rng.{rank}"])
         return
