@@ -290,3 +290,24 @@ def test_output_to_a_terminal_that_cannot_show_it(tmp_path):
                        env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.stdout.startswith("h\\xe9llo \\x1b[2J w\\xf6rld")  # escaped for the terminal, never raw
+
+
+def test_ctrl_c_inside_a_class_statement_while_importing_is_one_line(monkeypatch, capsys):
+    import builtins
+
+    import moekit
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):  # what Python 3.11 raises for Ctrl-C in a dataclass field's __set_name__
+        if name == "cli" or name.endswith(".cli"):
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise RuntimeError("Error calling __set_name__ on 'Field' instance") from e
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    monkeypatch.delitem(sys.modules, "moekit.cli", raising=False)
+    assert moekit.main(["--help"]) == 130
+    assert capsys.readouterr().err == "moekit: interrupted\n"
