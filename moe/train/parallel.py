@@ -183,16 +183,16 @@ class Parallel:
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """The global gradient norm of the whole model (every piece counted once), and the gradients scaled as
         torch.nn.utils.clip_grad_norm_ scales them."""
-        squares = torch.zeros((), dtype=torch.float64)
-        grads = []
+        squares, grads = None, []
         for name, p in model.named_parameters():
             if p.grad is None:
                 continue
             g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
             replicas = self.layout.expert_replicas() if is_routed_expert(name) else self._dense_replicas_of(p)
-            squares += g.double().pow(2).sum().cpu() / replicas
+            part = g.double().pow(2).sum() / replicas  # on the gradients' device: no host sync per parameter
+            squares = part if squares is None else squares + part
             grads.append(g)
-        dist.all_reduce(squares)
+        dist.all_reduce(squares)  # one collective, on the device the backend runs on (NCCL: CUDA)
         total = squares.sqrt().float()
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
@@ -229,12 +229,16 @@ class Parallel:
 
 def _persistent(module: nn.Module, prefix: str):
     """(full name, tensor) of `module`'s parameters and persistent buffers, as its state_dict lists them."""
-    for name, p in module.named_parameters(prefix):
-        yield name, p
+    yield from module.named_parameters(prefix)
+    yield from persistent_buffers(module, prefix)
+
+
+def persistent_buffers(module: nn.Module, prefix: str = ""):
+    """(full name, buffer) of the buffers `module`'s state_dict holds (the routers' bias; not rotary tables)."""
     for mod_prefix, mod in module.named_modules(prefix=prefix):
         for name, b in mod._buffers.items():
             if b is not None and name not in mod._non_persistent_buffers_set:
-                yield f"{mod_prefix}.{name}", b
+                yield f"{mod_prefix}.{name}" if mod_prefix else name, b
 
 def return_large_frees() -> None:
     """glibc: allocations of 1 MiB and more straight from mmap, so that a freed tensor returns to the system at

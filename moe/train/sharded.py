@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import nn
 
-from .parallel import is_routed_expert, resharded
+from .parallel import is_routed_expert, persistent_buffers, resharded
 
 
 def _expert_view(t: torch.Tensor, j: int) -> torch.Tensor:
@@ -70,10 +70,8 @@ def state_tensors(model: nn.Module, optimizer, rank: int | None = None) -> dict[
                 for key, t in _pieces(model, name, moments[m]):
                     out[f"optim.{key}.{m}"] = t
             out[f"optim.{name}.step"] = moments["step"]
-    for prefix, module in model.named_modules():  # persistent buffers: the routers' bias
-        for name, b in module._buffers.items():
-            if b is not None and name not in module._non_persistent_buffers_set:
-                out[f"model.{prefix}.{name}" if prefix else f"model.{name}"] = b
+    for name, b in persistent_buffers(model):
+        out[f"model.{name}"] = b
     if rank is not None:
         out[f"rng.{rank}"] = torch.get_rng_state()
     return out
