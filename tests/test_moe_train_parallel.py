@@ -20,7 +20,7 @@ from helpers import ROOT, one_line_error
 # The trainer in a child, with two presets of its own: 8 experts of which the last two are never chosen (their
 # router bias is -100: some ranks' experts receive no tokens), with and without a capacity factor (1.0, patched
 # into the layer: an HF checkpoint cannot record one, so the run could not write its output). SLOW=1: it sleeps
-# after each optimizer step, so a test can kill it between two saved states.
+# after each optimizer step, so a test can kill it between two saved states; STALL=R: process R hangs.
 TRAINER = """
 import math, os, sys, time, torch
 from moekit.moe import config
@@ -42,6 +42,8 @@ if os.environ.get("SLOW"):
         time.sleep(0.3)
         return out
     torch.optim.AdamW.step = slow
+if os.environ.get("STALL") == os.environ.get("RANK"):  # this process hangs in its first optimizer step
+    torch.optim.AdamW.step = lambda self, *a, **k: time.sleep(3600)
 from moekit import main
 sys.exit(main(["train", *sys.argv[1:]]))
 """
@@ -248,3 +250,16 @@ def test_a_damaged_sharded_state_falls_back_to_the_previous_one(trainer, tmp_pat
     assert "step-000004" in done.stdout and "resuming from the previous complete state, step 2" in done.stdout, \
         done.stdout
     check_same_run(tmp_path / "whole", out)
+
+
+@pytest.mark.slow
+def test_a_stalled_process_stops_the_others_in_one_line(trainer, tmp_path):
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", trainer,
+           "tiny-moe", "--steps", "3", "--seq-len", "16", "--collective-timeout", "10", "--out", str(tmp_path / "x")]
+    start = time.time()
+    done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "STALL": "1"})
+    assert done.returncode != 0 and time.time() - start < 120, done.stderr[-2000:]
+    assert ("moekit train: error: process 0 of 2: another process stopped or stalled (no answer within "
+            "--collective-timeout 10 s)") in done.stderr, done.stderr[-2000:]
+    assert "]: Traceback" not in done.stderr and not os.listdir(tmp_path)

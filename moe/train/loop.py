@@ -18,6 +18,7 @@ a non-finite loss.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 import shutil
@@ -405,12 +406,13 @@ def finish_run(run: Run, train_loss: float, val: float, seconds: float) -> Train
 def train(options: TrainOptions, log=print, given: set[str] | None = None) -> TrainResult:
     """Train as `options` say; write OUT (see `moekit.moe.train.state`) unless `options.out` is None. `given`: the
     options the user typed (command line), which a --resume keeps over the interrupted run's."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, InitProcessGroupKwargs
 
     options.validate()
-    try:
+    try:  # a rank that dies leaves the others in a collective: they stop after --collective-timeout
+        timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=options.collective_timeout))
         accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=not torch.cuda.is_available(),
-                                  log_with=trackers(options.report_to) or None)
+                                  log_with=trackers(options.report_to) or None, kwargs_handlers=[timeout])
     except (RuntimeError, ValueError) as e:  # e.g. a launch configuration this machine cannot run
         raise ConfigError(f"accelerate cannot set up this launch: {str(e).strip().splitlines()[0]}") from None
     if accelerator.distributed_type == "FSDP":  # accelerate's plugin: not the path that shards here
@@ -429,12 +431,27 @@ def train(options: TrainOptions, log=print, given: set[str] | None = None) -> Tr
                      f"{accelerator.num_processes} process(es){layout}, {run.tokens_per_step:,} tokens per step; "
                      f"{run.schedule.describe()}")
         result = _run(run)
+    except RuntimeError as e:
+        if accelerator.num_processes > 1 and lost_peer(e):
+            raise MoekitError(f"process {accelerator.process_index} of {accelerator.num_processes}: another process "
+                              f"stopped or stalled (no answer within --collective-timeout "
+                              f"{options.collective_timeout} s); its own error says why") from None
+        raise
     finally:
         if work:
             work.release()  # on every way out (a resumed run's lock, an error before training starts)
     if main_log:
         main_log(summary_line(result, run.source.description))
     return result
+
+
+def lost_peer(e: RuntimeError) -> bool:
+    """Whether `e` is a collective that timed out or lost its peer (gloo and NCCL words), not a fault of ours."""
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    return isinstance(e, (dist.DistBackendError, dist.DistNetworkError)) or any(
+        words in text for words in ("timed out", "timeout", "closed by peer", "reset by peer"))
 
 
 def _run(run: Run) -> TrainResult:

@@ -75,6 +75,8 @@ class TrainOptions:
                                   "tokens sent to their experts' process", metavar="N", min=1)
     activation_checkpointing: bool = option(False, "recompute each decoder layer in backward instead of keeping "
                                             "its activations")
+    collective_timeout: int = option(1800, "seconds a process waits in a collective (all-reduce, all-to-all) for "
+                                     "the others before the run stops with an error", metavar="SECONDS", min=10)
     log_every: int = option(10, "steps between metric lines", metavar="N", min=1)
     eval_every: int = option(50, "steps between validation losses, 0 = start and end only", metavar="N", min=0)
     eval_batches: int = option(4, "validation batches per evaluation", metavar="N", min=1)
@@ -92,7 +94,8 @@ class TrainOptions:
     # Options a resumed run may change: they do not alter the computation.
     RESUMABLE: ClassVar[frozenset[str]] = frozenset(
         {"out", "resume", "force", "progress", "log_every", "eval_every", "save_every", "keep_last", "report_to",
-         "token_cache", "peak_flops", "shard_degree", "expert_parallel", "activation_checkpointing"})
+         "token_cache", "peak_flops", "shard_degree", "expert_parallel", "activation_checkpointing",
+         "collective_timeout"})
 
     def __post_init__(self):
         self.validate()
