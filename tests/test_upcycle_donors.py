@@ -31,7 +31,7 @@ def tensors(path) -> dict[str, torch.Tensor]:
 
 def hidden_options(donors, **kw) -> UpcycleOptions:
     base, paths = donors
-    return UpcycleOptions(donors=paths, base=base, router_init="hidden", positive_prompts=prompt_flags(donor_prompts()),
+    return UpcycleOptions(donors=paths, base=base, router_init="hidden-mean", positive_prompts=prompt_flags(donor_prompts()),
                           **kw)
 
 
@@ -83,7 +83,7 @@ def test_the_record_names_every_source_and_its_checksums(merged, donors):
     base, paths = donors
     record = read_record(merged)
     assert (record["base"], record["donors"], record["experts"]) == (base, paths, paths)
-    assert record["router_init"] == "hidden" and record["options"]["positive_prompts"][0].startswith("0:")
+    assert record["router_init"] == "hidden-mean" and record["options"]["positive_prompts"][0].startswith("0:")
     assert record["function_preserving"] is False and record["format"] == "mixtral"
     for path in (base, *paths):
         files = record["sha256"][path]

@@ -48,7 +48,7 @@ def test_gate_modes_shared_experts_architecture_and_overrides(tmp_path):
                                     "architecture: qwen\nexperts:\n  - source_model: A\n    positive_prompts: ['']\n"
                                     "  - source_model: C\nshared_experts:\n  - source_model: S\n")
     o = read_recipe(str(tmp_path / "a.yml"))
-    assert (o.router_init, o.top_k, o.format, o.shared_donor, o.positive_prompts) == ("normal", 1, "qwen2_moe", "S",
+    assert (o.router_init, o.top_k, o.format, o.shared_donor, o.positive_prompts) == ("random", 1, "qwen2_moe", "S",
                                                                                        None)  # random reads no prompts
     o = read_recipe(str(tmp_path / "a.yml"), {"num_experts": 4, "seed": 3, "top_k": 2})
     assert (o.num_experts, o.copies, o.seed, o.top_k) == (4, 2, 3, 2)
@@ -77,7 +77,16 @@ def test_moekit_recipes_are_option_names_in_json_or_yaml(tmp_path):
     ("base_model: B\ndtype: int8\nexperts:\n  - source_model: A\n  - source_model: C\n",
      "dtype 'int8' is not one of float32"),
     ("base_model: B\narchitecture: deepseek\nexperts:\n  - source_model: A\n  - source_model: C\n",
-     "architecture 'deepseek' is not an architecture moekit writes: mixtral, qwen"),
+     "architecture 'deepseek': moekit does not write DeepSeek MoE checkpoints (remote code); architecture: qwen "
+     "writes Qwen2-MoE"),
+    ("base_model: B\narchitecture: qwen3\nexperts:\n  - source_model: A\n  - source_model: C\n",
+     "architecture 'qwen3': Qwen3 MoE output needs Qwen3 donors"),
+    ("base_model: B\narchitecture: llama\nexperts:\n  - source_model: A\n  - source_model: C\n",
+     "architecture 'llama': expected one of mergekit-moe's mixtral, qwen, deepseek, qwen3"),
+    ("base_model: B\nexperts:\n  - source_model: A\n    residual_scale: big\n  - source_model: C\n",
+     "experts[0].residual_scale must be a number, got 'big'"),
+    ("base_model: B\nexperts:\n  - source_model: A\n    noise_scale: -1\n  - source_model: C\n",
+     "--expert-noise '0:-1': expected I:X, I the expert's index or 'shared' and X a standard deviation >= 0"),
     ("base_model: B\ntokenizer_source: union\nexperts:\n  - source_model: A\n  - source_model: C\n",
      "tokenizer_source 'union' is not supported yet; moekit implements base"),
     ("base_model: B\nexperts_per_token: two\nexperts:\n  - source_model: A\n  - source_model: C\n",

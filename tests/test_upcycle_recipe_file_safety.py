@@ -61,9 +61,10 @@ def test_deep_huge_or_undecodable_recipes_are_one_line(tmp_path, capsys, name, t
 
 @pytest.mark.parametrize("text, message", [
     ("base_model: B\ngate_mode: [hidden]\nexperts: [{source_model: A}]\n",
-     "gate_mode ['hidden'] is not one of hidden, cheap_embed, random"),  # the example (unhashable)
+     "gate_mode ['hidden'] is not one of mergekit-moe's gate modes: hidden,"),  # the example (unhashable)
     ("base_model: B\ndtype: [a]\nexperts: [{source_model: A}]\n", "dtype ['a'] is not one of float32"),
-    ("base_model: B\narchitecture: {a: 1}\nexperts: [{source_model: A}]\n", "architecture {'a': 1} is not an"),
+    ("base_model: B\narchitecture: {a: 1}\nexperts: [{source_model: A}]\n",
+     "architecture must be a string, got {'a': 1}"),
     ("base_model: B\ntokenizer_source: [base]\nexperts: [{source_model: A}]\n", "tokenizer_source ['base'] is not"),
     ("base_model: B\nexperts_per_token: [2]\nexperts: [{source_model: A}]\n",
      "top_k in the recipe must be one string, number or boolean, got [2]"),

@@ -1,5 +1,5 @@
-"""upcycle.routers: router rows from prompts equal an independent computation (cheap-embed from the embedding
-matrix; hidden from transformers' own Llama, each prompt run alone, the FFN inputs caught by hooks), the prompts'
+"""upcycle.routers, moekit's own prompt inits: router rows equal an independent computation (embed-mean from the
+embedding matrix; hidden-mean from transformers' own Llama, each prompt run alone, the FFN inputs caught by hooks), the prompts'
 own tokens exclude BOS and padding, and --router-scale sets the rows' norm."""
 
 import pytest
@@ -43,7 +43,7 @@ def expected(base, features):
 
 
 def test_tokenized_prompts_keep_bos_in_context_but_out_of_the_means(donors):
-    p = tokenize(donors[0], options(donors, "hidden"), 320)
+    p = tokenize(donors[0], options(donors, "hidden-mean"), 320)
     ids, own = own_tokens(donors[0], "def f(x):")
     assert ids[0] == 0 and own[0] == 1  # <s> starts the prompt and is not one of its own tokens
     assert p.ids.shape == (8, max(len(own_tokens(donors[0], q.partition(":")[2])[0]) for q in POSITIVE + NEGATIVE))
@@ -62,7 +62,7 @@ def test_cheap_embed_rows_are_mean_embeddings_the_same_in_every_layer(donors):
         return embed[torch.tensor(ids)[own]]
 
     want = expected(base, features)
-    routers, shared = prompt_routers(base, options(donors, "cheap-embed", router_scale=0.5), [0, 1], 320)
+    routers, shared = prompt_routers(base, options(donors, "embed-mean", router_scale=0.5), [0, 1], 320)
     for i in (0, 1):
         assert routers[i].shape == (3, 64) and routers[i].norm(dim=1).sub(0.5).abs().max() < 1e-6
         for j in range(3):
@@ -87,11 +87,11 @@ def test_hidden_rows_are_mean_ffn_inputs_of_the_base_as_transformers_computes_th
             return seen[0][0, own]  # [own tokens, H]
 
         wants[i] = expected(base, features)
-    routers, shared = prompt_routers(base, options(donors, "hidden"), [1], 320)
+    routers, shared = prompt_routers(base, options(donors, "hidden-mean"), [1], 320)
     assert list(routers) == [1] and routers[1].shape == (3, 64)
     for j in range(3):
         assert (routers[1][j] - wants[1][str(j)]).abs().max() <= 1e-5
     assert (shared[1][0] - wants[1]["shared"]).abs().max() <= 1e-5
     assert (wants[0]["0"] - wants[1]["0"]).abs().max() > 1e-2  # each layer its own rows
     with pytest.raises(Exception, match="tokenizer.json gives token id 3"):
-        prompt_routers(base, options(donors, "hidden"), [1], 3)
+        prompt_routers(base, options(donors, "hidden-mean"), [1], 3)

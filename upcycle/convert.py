@@ -48,8 +48,9 @@ from moekit.moe import formats
 from moekit.moe.config import MoEConfig
 
 from . import recipes
-from .options import UpcycleOptions
+from .options import DRAWN_INITS, UpcycleOptions
 from .record import RECORD_NAME, SOURCE_RUN_FILES, source_final_lr
+from .routers import drawn_routers
 from .verify import LOGIT_ATOL, VerifyError, verify_checkpoints
 
 _TAG = {"router": 1, "drop": 2, "gate": 3, "up": 4, "down": 5}  # generator stream ids
@@ -94,6 +95,8 @@ class Layout:
     shared_source: int | None = None
     routers: dict[int, torch.Tensor] | None = None
     shared_gates: dict[int, torch.Tensor] | None = None
+    residual: dict[int | str, float] = field(default_factory=dict)  # expert j or 'shared': down_proj x this
+    noise: dict[int | str, float] = field(default_factory=dict)  # expert j or 'shared': + N(0, std^2)
 
 
 @dataclass
@@ -185,6 +188,9 @@ def plan_upcycle(source, options: UpcycleOptions, layout: Layout | None = None) 
     config, fmt, layers = moe_config(dense, options, cfg_name)
     want = dtype_from_name(options.dtype)
     plan = UpcyclePlan(dense, config, fmt, layers)
+    if options.router_init in DRAWN_INITS and layout.routers is None:
+        layout.routers, layout.shared_gates = drawn_routers(options, dense.num_hidden_layers, dense.hidden_size,
+                                                            layers, layout.shared_source is not None)
 
     def out_dtype(name: str) -> torch.dtype:
         dt = source.dtype(name)
@@ -216,18 +222,47 @@ def _plan_moe_layer(plan: UpcyclePlan, i: int, o: UpcycleOptions, dtype: torch.d
         src = 0 if src is None else src
         gate = layout.shared_gates[i] if layout.shared_gates else None  # [1, H] from prompts, else 0: sigmoid = 1/2
         comp = 1.0 if gate is not None else recipes.SHARED_GATE_COMPENSATION  # down x 2 against sigmoid(0)
-        add(Item(names["gate"], dtype, (S, H), lambda ctx: ctx(dense["gate"], src=src).narrow(0, 0, S).to(dtype)))
-        add(Item(names["up"], dtype, (S, H), lambda ctx: ctx(dense["up"], src=src).narrow(0, 0, S).to(dtype)))
-        add(Item(names["down"], dtype, (H, S), lambda ctx: recipes.scaled(
-            ctx(dense["down"], src=src).narrow(1, 0, S), comp, dtype)))
+        if layout.shared_source is not None:  # a shared donor's whole FFN, with its residual scale and noise
+            for role in recipes.ROLES:
+                add(Item(names[role], dtype, (H, S) if role == "down" else (S, H), _donor_maker(
+                    i, "shared", role, dense[role], src, dtype, layout, comp if role == "down" else 1.0, o.seed)))
+        else:
+            add(Item(names["gate"], dtype, (S, H), lambda ctx: ctx(dense["gate"], src=src).narrow(0, 0, S).to(dtype)))
+            add(Item(names["up"], dtype, (S, H), lambda ctx: ctx(dense["up"], src=src).narrow(0, 0, S).to(dtype)))
+            add(Item(names["down"], dtype, (H, S), lambda ctx: recipes.scaled(
+                ctx(dense["down"], src=src).narrow(1, 0, S), comp, dtype)))
         add(Item(names["shared_gate"], dtype, (1, H), (lambda ctx: gate.to(dtype)) if gate is not None else
                  lambda ctx: recipes.shared_gate_weight(H, dtype)))
     scales = recipes.granular_scales(R, o.weight_scaling) if o.recipe == "granular" else None
     for role in recipes.ROLES:
         shape = (H, Fe) if role == "down" else (Fe, H)
         for j in range(E * R):
-            make = _expert_maker(o, i, j, role, dense[role], s + j % R, G, scales, dtype, layout.expert_source[j])
+            if j in layout.residual or j in layout.noise:
+                make = _donor_maker(i, j, role, dense[role], layout.expert_source[j], dtype, layout, 1.0, o.seed)
+            else:
+                make = _expert_maker(o, i, j, role, dense[role], s + j % R, G, scales, dtype, layout.expert_source[j])
             add(Item(formats.expert_names(fmt, i, j)[role], dtype, shape, make))
+
+
+def _donor_maker(i: int, j: int | str, role: str, dense_name: str, src: int, dtype: torch.dtype, layout: Layout,
+                 factor: float, seed: int) -> Callable[[_Context], torch.Tensor]:
+    """A donor's whole `role` matrix for expert j ('shared': the shared expert) of layer i, as mergekit-moe's
+    noise_and_scale makes it (mergekit/moe/common.py): + N(0, noise^2), then down_proj x residual scale, in the
+    donor's own dtype; then x `factor` and cast to `dtype` (checked finite)."""
+    def make(ctx: _Context) -> torch.Tensor:
+        w = ctx(dense_name, None, src)
+        if layout.noise.get(j):
+            gen = recipes.generator(seed, i, j if j != "shared" else -1, _TAG[role])
+            w = w + (torch.randn(w.shape, generator=gen) * layout.noise[j]).to(w.dtype)
+        if role == "down" and layout.residual.get(j, 1.0) != 1.0:
+            w = w * layout.residual[j]
+        w = recipes.scaled(w, factor, dtype)
+        if not torch.isfinite(w).all():
+            raise ConfigError(f"expert {j} of layer {i} ({role}_proj) would hold non-finite values with "
+                              f"--residual-scale / --expert-noise on {ctx.sources[src].path}'s '{dense_name}'; "
+                              "nothing written")
+        return w
+    return make
 
 
 def _expert_maker(o: UpcycleOptions, i: int, j: int, role: str, dense_name: str, shard: int, G: int,

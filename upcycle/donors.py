@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+
+import torch
 
 from moekit.llama.checkpoint import CheckpointReader
 from moekit.llama.config import LlamaConfig
@@ -133,6 +136,12 @@ def open_checked(sources: list[str], options: UpcycleOptions, readers: list) -> 
     return dense, layers
 
 
+def by_expert(options: UpcycleOptions, per_donor: dict) -> dict:
+    """{donor position or 'shared': value} -> {expert j or 'shared': value} (expert j holds donor j // c)."""
+    return {j: per_donor[j // options.copies] for j in range(options.num_experts) if j // options.copies in per_donor
+            } | ({"shared": per_donor["shared"]} if "shared" in per_donor else {})
+
+
 def merge_donors(dst: str | os.PathLike, options: UpcycleOptions, progress: bool = True,
                  log: Callable[[str], None] | None = print) -> dict:
     """Merge `options.donors` into the MoE directory `dst` (see the module docstring); return the record written to
@@ -150,7 +159,9 @@ def merge_donors(dst: str | os.PathLike, options: UpcycleOptions, progress: bool
     try:
         dense, layers = open_checked(sources, options, readers)
         layout = Layout([sources.index(paths[j // options.copies]) for j in range(options.num_experts)],
-                        sources.index(options.shared_donor) if options.shared_donor else None)
+                        sources.index(options.shared_donor) if options.shared_donor else None,
+                        residual=by_expert(options, options.per_donor("residual_scale")),
+                        noise=by_expert(options, options.per_donor("expert_noise")))
         if options.router_init in PROMPT_INITS:
             layout.routers, layout.shared_gates = prompt_routers(options.base, options, layers, dense.vocab_size,
                                                                  progress)
@@ -185,7 +196,29 @@ def merge_donors(dst: str | os.PathLike, options: UpcycleOptions, progress: bool
             r.close()
     if log:
         log(summary_line(dst, plan, options, record))
+        for line in routing_warnings(layout, options, record):
+            print(f"warning: {line}", file=sys.stderr)
     return record
+
+
+def routing_warnings(layout: Layout, options: UpcycleOptions, record: dict) -> list[str]:
+    """What a user should hear about the routers: layers whose donors' rows are nearly dependent (condition number
+    above 5: mergekit's `warn_degenerate_gates`, mergekit/moe/router.py), and donors whose own prompts never pick
+    one of their experts first (the routing shares of the check)."""
+    out = []
+    if layout.routers and options.router_init in PROMPT_INITS and len(options.donors) > 1:
+        layers = [i for i, rows in layout.routers.items()
+                  if torch.linalg.cond(rows[::options.copies].double()) > 5]  # one row per donor
+        if layers:
+            out.append(f"the routers of {len(layers)} layer(s) ({', '.join(map(str, layers[:8]))}"
+                       f"{', ...' if len(layers) > 8 else ''}) are nearly degenerate: the prompts may be too similar, "
+                       "and some experts will be underused")
+    routing = (record.get("verify") or {}).get("routing") or {}
+    never = [d for d, share in routing.items() if share == 0]
+    if never:
+        out.append(f"donor(s) {', '.join(never)} never get the first choice on their own prompts (shares "
+                   f"{', '.join(f'{d}: {v:.0%}' for d, v in routing.items())}): their experts may go unused")
+    return out
 
 
 def summary_line(dst: str, plan: UpcyclePlan, options: UpcycleOptions, record: dict) -> str:

@@ -15,6 +15,8 @@ from `base` (default: the first donor), and `shared_donor`'s whole FFN may becom
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -23,10 +25,14 @@ from moekit.llama.errors import ConfigError, shown
 from moekit.llama.options import MAX_SEED, check_options, option, parse_size
 
 Recipe = Literal["copy", "noise", "drop", "granular"]
-RouterInit = Literal["normal", "random", "zeros", "cheap-embed", "hidden"]  # random: mergekit's name for normal
+RouterInit = Literal["normal", "zeros", "random", "uniform-random", "hidden", "hidden-avg", "cheap-embed",
+                     "hidden-mean", "embed-mean"]
 WeightScaling = Literal["down", "cube-root", "none"]
 RECIPES = get_args(Recipe)
-PROMPT_INITS = ("cheap-embed", "hidden")  # the router inits that read prompts
+MERGEKIT_PROMPT_INITS = ("hidden", "hidden-avg", "cheap-embed")  # mergekit-moe's gate modes that read prompts
+PROMPT_INITS = (*MERGEKIT_PROMPT_INITS, "hidden-mean", "embed-mean")  # the router inits that read prompts
+DRAWN_INITS = ("random", "uniform-random")  # mergekit-moe's: every layer's rows drawn at once, seeded by --seed
+ALL_SAME = "--i-understand-this-is-not-useful-without-training"  # mergekit-moe's flag, the same name
 MAX_PROMPTS = 1024  # per --positive-prompts / --negative-prompts: one forward of the base reads them all at once
 MAX_PROMPT_CHARS = 32768  # per prompt, before tokenising (then: at most the model's max_position_embeddings tokens)
 MAX_NOISE_SCALE = 10.0  # --noise-scale: noise 10x the weights' std already drowns them
@@ -64,16 +70,28 @@ class UpcycleOptions:
                                      metavar="G", default_text="2")
     weight_scaling: WeightScaling = option("down", "granular: down (down_proj x R, the routed shards per token "
                                            "group: exact) | cube-root (He et al.) | none")
-    router_init: RouterInit = option("normal", "router init: normal (or random) N(0, std^2), one row per virtual group | "
-                              "zeros | cheap-embed (prompts' mean token embedding) | hidden (prompts' mean hidden "
-                              "state entering each layer's FFN, from the base)")
-    router_std: float = option(0.02, "router init std", metavar="STD", gt=0)
-    positive_prompts: list[str] | None = option(None, "cheap-embed, hidden: prompts expert I should get, as I:TEXT "
+    router_init: RouterInit = option("normal", "router init. moekit's: normal N(0, std^2), one row per virtual "
+                                     "group | zeros | hidden-mean, embed-mean (with --donors: the prompts' mean FFN "
+                                     "input / token embedding over their own tokens). mergekit-moe's gate modes, as "
+                                     "it computes them: random N(0, 1) | uniform-random | hidden (the base's "
+                                     "residual stream entering each layer at each prompt's last token, bf16) | "
+                                     "hidden-avg (its mean over the padded prompt) | cheap-embed (the prompts' "
+                                     "summed token embeddings, BOS included)")
+    router_std: float = option(0.02, "normal: router init std", metavar="STD", gt=0)
+    positive_prompts: list[str] | None = option(None, "prompt inits: prompts expert I should get, as I:TEXT "
                                                 "(I the donor's position in --donors, or 'shared')", metavar="I:TEXT")
-    negative_prompts: list[str] | None = option(None, "cheap-embed, hidden: prompts expert I should not get, as "
-                                                "I:TEXT", metavar="I:TEXT")
-    router_scale: float = option(1.0, "cheap-embed, hidden: the norm of each router row (1: unit rows, as "
-                                 "mergekit-moe writes them)", metavar="S", gt=0)
+    negative_prompts: list[str] | None = option(None, "prompt inits: prompts expert I should not get, as I:TEXT",
+                                                metavar="I:TEXT")
+    router_scale: float = option(1.0, "prompt inits: the norm of each router row (1: unit rows, as mergekit-moe "
+                                 "writes them)", metavar="S", gt=0)
+    residual_scale: list[str] | None = option(None, "with --donors: donor I's down_proj (its contribution to the "
+                                              "residual stream) times X, as I:X (mergekit-moe's residual_scale)",
+                                              metavar="I:X")
+    expert_noise: list[str] | None = option(None, "with --donors: N(0, STD^2) added to donor I's expert weights, as "
+                                            "I:STD (mergekit-moe's noise_scale, drawn with --seed)", metavar="I:STD")
+    i_understand_this_is_not_useful_without_training: bool = option(
+        False, "merge --donors that are all one model (the MoE computes what it does, at more cost; useful only to "
+        "train on): mergekit-moe's flag")
     tokenizer_source: str | None = option(None, "with --donors: base: the base's tokenizer and embeddings serve "
                                           "every expert even where a donor's tokenizer.json differs (the same "
                                           "vocab_size still required)", metavar="SOURCE",
@@ -97,8 +115,6 @@ class UpcycleOptions:
 
     def __post_init__(self):
         self.moe_layers = parse_moe_layers(self.moe_layers)
-        if self.router_init == "random":
-            self.router_init = "normal"
         if self.num_experts is None:
             self.num_experts = len(self.donors) if isinstance(self.donors, list) and self.donors else 8
         self.validate()
@@ -125,8 +141,8 @@ class UpcycleOptions:
     def _validate_donors(self) -> None:
         D, E = len(self.donors or ()), self.num_experts
         if not self.donors:
-            given = [f for f in ("base", "shared_donor", "positive_prompts", "negative_prompts", "tokenizer_source")
-                     if getattr(self, f)]
+            given = [f for f in ("base", "shared_donor", "positive_prompts", "negative_prompts", "tokenizer_source",
+                                 "residual_scale", "expert_noise") if getattr(self, f)]
             if given or self.router_init in PROMPT_INITS:
                 what = f"--{given[0].replace('_', '-')}" if given else f"--router-init {self.router_init}"
                 raise ConfigError(f"{what} is an option of --donors (experts from several dense checkpoints)")
@@ -144,20 +160,29 @@ class UpcycleOptions:
                               "(--shared-donor makes a shared expert)")
         prompts = {kind: self.prompts(kind) for kind in ("positive", "negative")}
         keys = set(range(D)) | ({"shared"} if self.shared_donor else set())
-        for kind, by_key in prompts.items():
+        want = f"0..{D - 1}" + (" or shared" if self.shared_donor else "")
+        for flag, by_key in [*((f"{kind}-prompts", v) for kind, v in prompts.items()),
+                             ("residual-scale", self.per_donor("residual_scale")),
+                             ("expert-noise", self.per_donor("expert_noise"))]:
             bad = next((k for k in by_key if k not in keys), None)
             if bad is not None:
-                want = f"0..{D - 1}" + (" or shared" if self.shared_donor else "")
-                raise ConfigError(f"--{kind}-prompts: expert {shown(str(bad))} does not exist; expected I:TEXT with I "
-                                  f"in {want}")
+                raise ConfigError(f"--{flag}: expert {shown(str(bad))} does not exist; expected I with I in {want}")
+        if D > 1 and len({os.path.abspath(d) for d in self.donors}) == 1 and \
+                not self.i_understand_this_is_not_useful_without_training:
+            raise ConfigError(f"every donor is {self.donors[0]}: the MoE would compute what that one model does, at "
+                              f"more cost; give donors that differ, or {ALL_SAME} to train it on")
         if self.router_init in PROMPT_INITS:
             missing = next((i for i in range(D) if not prompts["positive"].get(i)), None)
             if missing is not None:
                 raise ConfigError(f"--router-init {self.router_init}: expert {missing} (donor {self.donors[missing]}) "
                                   "has no positive prompts; give them as --positive-prompts "
                                   f"'{missing}:TEXT'")
+            same = {(tuple(prompts["positive"][i]), tuple(prompts["negative"].get(i, ()))) for i in range(D)}
+            if D > 1 and len(same) == 1:
+                raise ConfigError("every expert has the same positive and negative prompts, so their routers would "
+                                  "be the same row; give each expert prompts of its own, or --router-init random")
         elif prompts["positive"] or prompts["negative"]:
-            raise ConfigError(f"prompts are read by --router-init cheap-embed or hidden, not "
+            raise ConfigError(f"prompts are read by --router-init {', '.join(PROMPT_INITS)}, not "
                               f"'{self.router_init}'")
 
     def _check_prompt_sizes(self) -> None:
@@ -185,6 +210,28 @@ class UpcycleOptions:
                 raise ConfigError(f"--{kind}-prompts {shown(p, 40)}: expected I:TEXT, I the expert's index or "
                                   "'shared'")
             out.setdefault(int(key) if key != "shared" else key, []).append(text)
+        return out
+
+    def per_donor(self, name: str) -> dict[int | str, float]:
+        """{expert key: value} from the I:X strings of `residual_scale` or `expert_noise` (finite; noise >= 0)."""
+        out: dict[int | str, float] = {}
+        flag = f"--{name.replace('_', '-')}"
+        for p in getattr(self, name) or ():
+            key, sep, value = str(p).partition(":")
+            key = key.strip()
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if not sep or not (re.fullmatch(r"[0-9]{1,6}", key) or key == "shared") or not math.isfinite(number) \
+                    or (name == "expert_noise" and number < 0):
+                what = "a standard deviation >= 0" if name == "expert_noise" else "a finite factor"
+                raise ConfigError(f"{flag} {shown(p, 40)}: expected I:X, I the expert's index or 'shared' and X "
+                                  f"{what}")
+            key = int(key) if key != "shared" else key
+            if key in out:
+                raise ConfigError(f"{flag}: expert {key} is given twice")
+            out[key] = number
         return out
 
     @property
@@ -215,7 +262,10 @@ class UpcycleOptions:
 
     @property
     def exact_copies(self) -> bool:
-        """Whether each expert equals the FFN it was made from: copy, or noise / drop that change nothing."""
+        """Whether each expert equals the FFN it was made from (times its --residual-scale): copy, or noise / drop
+        that change nothing, without --expert-noise."""
+        if any(self.per_donor("expert_noise").values()):
+            return False
         return self.recipe == "copy" or {"noise": self.noise_scale, "drop": self.drop_ratio}.get(self.recipe) == 0
 
     @property

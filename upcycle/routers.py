@@ -1,38 +1,53 @@
-"""Router rows from prompts (mergekit-moe's gate modes), and how a finished MoE routes those prompts.
+"""Router rows from prompts, and how a finished MoE routes those prompts.
 
 Each expert key k (a donor's position in --donors, or 'shared') has positive prompts P_k and perhaps negative
-prompts N_k, tokenized with the base's tokenizer.json as a document starts (with BOS where the tokenizer adds
-one). Means are taken over the prompts' own tokens (not BOS or other special tokens, not padding):
+prompts N_k, read with the base's tokenizer.json. Row k = s * v_k / |v_k|, s = --router-scale (1, as mergekit-moe
+writes them). The router's logit for a token x is then s |x| cos(x, v_k): which experts a token picks does not depend
+on s; s sets how the chosen experts' weights are mixed (the softmax temperature).
 
-- cheap-embed: v_k = mean input embedding over P_k - the same over N_k; the same row for every layer.
-- hidden: for each MoE layer l, v_k(l) = mean of x_l over P_k - over N_k, x_l the hidden state entering layer l's
-  FFN (after its post-attention RMSNorm: what layer l's router reads) when the *base* reads the prompts. One
-  streaming forward of the base over all prompts at once (right-padded; attention is causal), layer by layer, so
-  memory stays near one layer.
+mergekit-moe's gate modes, computed as mergekit 0.1.5 computes them (mergekit/moe/router.py, and the tokenizer set-up
+of mergekit/scripts/moe.py `build`): each prompt is the tokenizer's BOS text (tokenizer_config.json's bos_token;
+none: nothing) + the prompt, tokenised without special tokens; P_k is one left-padded batch, N_k another, padded
+with BOS (else EOS).
 
-Row k = s * v_k / |v_k|, s = --router-scale (1 by default). The router's logit for a token x is then
-s |x| cos(x, v_k): which experts a token picks (its top k) does not depend on s; s sets only how the k chosen
-experts' weights are mixed (the softmax temperature). s = 1 is what mergekit-moe writes, so a published config gives
-the same routing; RMSNorm makes |x| about sqrt(H) times the norm weights, so unit rows already separate experts by
-clear margins in real models; a smaller s mixes the chosen experts more evenly (e.g. before training on).
+- hidden (`get_hidden_states`, average=False): for layer l, h_l = the residual stream entering layer l (the
+  embeddings for l = 0) at each prompt's last token, in bf16 as mergekit's bf16 model computes it; v_k(l) =
+  mean over P_k - mean over N_k, normalised, in bf16.
+- hidden-avg (average=True): the same, but each prompt's h_l is its mean over every position of the padded batch:
+  its own tokens (BOS included) and the pads, which attend to nothing (attention output 0, as transformers'
+  masking gives), divided by the batch's padded length.
+- cheap-embed (`get_cheap_embedding`): u(P) = the sum of the input embeddings of every token of the prompts P
+  (BOS included), normalised; v_k = u(P_k) - u(N_k), normalised; the same row in every layer. fp32.
 
-Prompts are bounded before any work: at most MAX_PROMPTS of each kind and MAX_PROMPT_CHARS characters each
+mergekit's random and uniform-random (`get_gate_params`) draw every layer's rows at once: see `drawn_routers`.
+
+moekit's own variants average over the prompts' own tokens (not BOS, not padding), with the tokenizer's own
+post-processor (which may add BOS):
+
+- embed-mean: v_k = mean input embedding over P_k - the same over N_k; the same row for every layer.
+- hidden-mean: for each MoE layer l, v_k(l) = mean of x_l over P_k - over N_k, x_l the hidden state entering layer
+  l's FFN (after its post-attention RMSNorm: what layer l's router reads).
+
+Both kinds run one streaming forward of the base over all prompts at once (right-padded: attention is causal, and
+RoPE is relative, so a left-padded prompt's own states are the same), layer by layer, so memory stays near one
+layer. Prompts are bounded before any work: at most MAX_PROMPTS of each kind and MAX_PROMPT_CHARS characters each
 (`UpcycleOptions`), then at most the model's max_position_embeddings tokens each (one-line errors naming the limit),
 and the forward's memory is estimated before it runs (`llama.io.check_memory`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from moekit.llama.checkpoint import checkpoint_tokenizer
 from moekit.llama.errors import ConfigError, shown
-from moekit.llama.io import check_memory
+from moekit.llama.io import check_memory, read_side_json
 from moekit.moe import formats
 
-from .options import UpcycleOptions
+from .options import DRAWN_INITS, UpcycleOptions
 from .streamed import StreamedCheckpoint
 
 
@@ -44,22 +59,40 @@ class Prompts:
     signs: list[int]  # [P] +1 positive, -1 negative
 
 
+def special_token(directory: str, name: str) -> str | None:
+    """The text of a checkpoint's `name` special token (bos_token, eos_token), as transformers reads it from
+    tokenizer_config.json, else special_tokens_map.json: a string or {"content": ...}; None if neither says."""
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        value = (read_side_json(directory, file) or {}).get(name)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def tokenize(directory: str, options: UpcycleOptions, vocab_size: int, negatives: bool = True,
-             max_positions: int | None = None) -> Prompts:
-    """The options' prompts, tokenized with `directory`'s tokenizer.json; a prompt of more than `max_positions`
-    tokens (the model's max_position_embeddings) is a one-line error."""
+             max_positions: int | None = None, mergekit: bool = False) -> Prompts:
+    """The options' prompts, tokenized with `directory`'s tokenizer.json: as a document starts (the tokenizer's
+    post-processor, which may add BOS; BOS is not the prompt's own), or `mergekit`'s way (BOS text + prompt without
+    special tokens; every token the prompt's own). A prompt of more than `max_positions` tokens (the model's
+    max_position_embeddings), or of none, is a one-line error."""
     why = f"; --router-init {options.router_init} reads the prompts with the base's tokenizer"
     tok = checkpoint_tokenizer(directory, why)
+    prefix = (special_token(directory, "bos_token") or "") if mergekit else ""
     rows, keys, signs = [], [], []
     for kind, sign in (("positive", 1), ("negative", -1))[:2 if negatives else 1]:
         for key, texts in options.prompts(kind).items():
             for text in texts:  # each at most MAX_PROMPT_CHARS characters (UpcycleOptions)
-                enc = tok.encode(text, add_special_tokens=True)
+                enc = tok.encode(prefix + text, add_special_tokens=not mergekit)
                 if max_positions is not None and len(enc.ids) > max_positions:
                     raise ConfigError(f"--{kind}-prompts: prompt {shown(text, 40)} of expert {key} is "
                                       f"{len(enc.ids):,} tokens with {directory}/tokenizer.json; the model reads at "
                                       f"most {max_positions:,} (its max_position_embeddings)")
-                rows.append((enc.ids, [not m for m in enc.special_tokens_mask]))
+                if not enc.ids:
+                    raise ConfigError(f"--{kind}-prompts: prompt {shown(text, 40)} of expert {key} has no tokens "
+                                      f"with {directory}/tokenizer.json and no BOS token")
+                rows.append((enc.ids, [True] * len(enc.ids) if mergekit else
+                             [not m for m in enc.special_tokens_mask]))
                 keys.append(key)
                 signs.append(sign)
     T = max((len(ids) for ids, _ in rows), default=1)
@@ -87,19 +120,96 @@ def check_prompt_memory(prompts: Prompts, checkpoint: StreamedCheckpoint) -> Non
                  "give fewer or shorter prompts")
 
 
+def unit(v: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * v / |v| in v's dtype (mergekit: clamp(min=1e-8); the scale 1 multiplies nothing)."""
+    v = v / v.norm(p=2).clamp(min=1e-8)
+    return v if scale == 1 else v * scale
+
+
+def groups(prompts: Prompts) -> dict:
+    """{key: {sign: [prompt index, ...]}} for the keys with positive prompts, in order."""
+    out: dict = {}
+    for p, (key, sign) in enumerate(zip(prompts.keys, prompts.signs)):
+        out.setdefault(key, {}).setdefault(sign, []).append(p)
+    return {k: g for k, g in out.items() if 1 in g}
+
+
 def directions(x: torch.Tensor, prompts: Prompts, scale: float) -> dict:
-    """x [P, T, H] -> {key: s * v / |v|}, v = mean of x over the key's positive tokens - over its negative ones."""
+    """moekit's: x [P, T, H] -> {key: s * v / |v|}, v = mean of x over the key's positive tokens - over its
+    negative ones."""
     own = prompts.own.to(x.dtype)
     sums, counts = (x * own[..., None]).sum(1), own.sum(1)  # [P, H], [P]
     out = {}
-    for key in dict.fromkeys(k for k, s in zip(prompts.keys, prompts.signs) if s > 0):
+    for key, by_sign in groups(prompts).items():
         v = 0
-        for sign in (1, -1):
-            group = [p for p, (k, s) in enumerate(zip(prompts.keys, prompts.signs)) if k == key and s == sign]
-            if group and counts[group].sum() > 0:
+        for sign, group in by_sign.items():
+            if counts[group].sum() > 0:
                 v = v + sign * sums[group].sum(0) / counts[group].sum()  # [H]
         out[key] = v * (scale / v.norm().clamp_min(1e-12))
     return out
+
+
+def mergekit_embed(x: torch.Tensor, prompts: Prompts, scale: float) -> dict:
+    """mergekit's cheap_embed (mergekit/moe/router.py `get_cheap_embedding` and `get_gate_params`): x [P, T, H]
+    fp32 input embeddings -> {key: unit(u(P) - u(N))}, u = the normalised sum over every token of the prompts."""
+    sums = (x * prompts.own[..., None]).sum(1)  # [P, H]: each prompt's tokens, then the prompts
+    out = {}
+    for key, by_sign in groups(prompts).items():
+        u = [sums[by_sign[s]].sum(0) for s in (1, -1) if s in by_sign]
+        u = [w / w.norm(p=2).clamp(min=1e-8) for w in u]
+        out[key] = unit(u[0] - u[1] if len(u) > 1 else u[0], scale)
+    return out
+
+
+def mergekit_hidden(x: torch.Tensor, pad: torch.Tensor, prompts: Prompts, average: bool, scale: float) -> dict:
+    """mergekit's hidden / hidden_avg for one layer (mergekit/moe/router.py `get_hidden_states` and
+    `get_gate_params`), in bf16 as its bf16 model gives them: x [P, T, H] fp32, the residual stream entering the
+    layer (right-padded prompts), pad [H] the pads' state (hidden_avg) -> {key: unit(mean over P - mean over N)}."""
+    lengths = prompts.own.sum(1).tolist()  # [P]
+    out = {}
+    for key, by_sign in groups(prompts).items():
+        means = []
+        for sign in (1, -1):
+            group = by_sign.get(sign)
+            if not group:
+                continue
+            if average:  # the batch left-padded as mergekit pads it, summed over all its positions
+                T = max(lengths[p] for p in group)
+                batch = pad.to(torch.bfloat16).expand(len(group), T, pad.shape[-1]).clone()  # [B, T, H]
+                for b, p in enumerate(group):
+                    batch[b, T - lengths[p]:] = x[p, :lengths[p]].to(torch.bfloat16)
+                each = batch.sum(1) / T  # [B, H]
+            else:  # each prompt's last token
+                each = torch.stack([x[p, lengths[p] - 1] for p in group]).to(torch.bfloat16)  # [B, H]
+            means.append(each.sum(0) / len(group))
+        out[key] = unit(means[0] - means[1] if len(means) > 1 else means[0], scale)
+    return out
+
+
+def pad_token(directory: str, tok) -> int | None:
+    """The id mergekit pads prompts with: BOS, else EOS (mergekit/scripts/moe.py `build`)."""
+    for name in ("bos_token", "eos_token"):
+        text = special_token(directory, name)
+        if text is not None and tok.token_to_id(text) is not None:
+            return tok.token_to_id(text)
+    return None
+
+
+def drawn_routers(options: UpcycleOptions, num_layers: int, hidden: int, layers: list[int], shared: bool
+                  ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
+    """mergekit's random (N(0, 1)) and uniform_random (U(-1/sqrt(H), 1/sqrt(H))) gates (mergekit/moe/router.py
+    `get_gate_params`): one draw of [layers, experts (+ the shared expert's gate), H] in fp32 for the whole model,
+    from a generator seeded with --seed: `mergekit-moe --random-seed N` seeds torch's global generator so, and
+    draws nothing before, so the same N gives the same rows."""
+    assert options.router_init in DRAWN_INITS, options.router_init
+    E, H = options.total_experts, hidden
+    gen = torch.Generator().manual_seed(options.seed)
+    if options.router_init == "random":
+        rows = torch.randn((num_layers, E + shared, H), generator=gen)
+    else:
+        bound = math.sqrt(1.0 / H)
+        rows = torch.rand((num_layers, E + shared, H), generator=gen) * 2 * bound - bound
+    return {i: rows[i, :E] for i in layers}, ({i: rows[i, E:] for i in layers} if shared else None)
 
 
 def prompt_routers(base: str, options: UpcycleOptions, layers: list[int], vocab_size: int,
@@ -107,25 +217,41 @@ def prompt_routers(base: str, options: UpcycleOptions, layers: list[int], vocab_
     """({layer: router [E, H]}, {layer: shared expert gate [1, H]} or None) in fp32, from the prompts (module
     docstring). Row j of a router is its donor's (j // c) direction, so the c copies of a donor tie."""
     donor = [j // options.copies for j in range(options.num_experts)]
+    init, scale = options.router_init, options.router_scale
+    mergekit = init in ("hidden", "hidden-avg", "cheap-embed")
     per_layer: dict[int, dict] = {}
-
-    def tap(i: int, x: torch.Tensor) -> None:
-        if i in layers:
-            per_layer[i] = directions(x, prompts, options.router_scale)
-
     checkpoint = StreamedCheckpoint(base)
     try:
-        prompts = tokenize(base, options, vocab_size, max_positions=checkpoint.config.max_position_embeddings)
+        prompts = tokenize(base, options, vocab_size, max_positions=checkpoint.config.max_position_embeddings,
+                           mergekit=mergekit)
         check_prompt_memory(prompts, checkpoint)
-        if options.router_init == "cheap-embed":
+        if init in ("cheap-embed", "embed-mean"):
             x = checkpoint.get("model.embed_tokens.weight")[prompts.ids].float()  # [P, T, H]
-            per_layer = dict.fromkeys(layers, directions(x, prompts, options.router_scale))
+            rows = mergekit_embed(x, prompts, scale) if mergekit else directions(x, prompts, scale)
+            per_layer = dict.fromkeys(layers, rows)
+        elif init == "hidden-mean":
+            def at_ffn(i: int, x: torch.Tensor) -> None:
+                if i in layers:
+                    per_layer[i] = directions(x, prompts, scale)
+            checkpoint.run(prompts.ids, at_ffn, layers=max(layers) + 1, progress=progress)
         else:
-            checkpoint.run(prompts.ids, tap, layers=max(layers) + 1, progress=progress)
+            pad_id = pad_token(base, checkpoint_tokenizer(base))
+            if init == "hidden-avg" and pad_id is None:
+                raise ConfigError(f"{base}: --router-init hidden-avg pads prompts with the BOS or EOS token, and "
+                                  "tokenizer_config.json names neither")
+            pads = [checkpoint.get("model.embed_tokens.weight")[pad_id or 0].float()[None]]  # [1, H]
+
+            def at_layer(i: int, x: torch.Tensor, layer) -> None:
+                if i in layers:
+                    per_layer[i] = mergekit_hidden(x, pads[0][0], prompts, init == "hidden-avg", scale)
+                if init == "hidden-avg":  # a pad attends to nothing: its attention adds 0
+                    pads[0] = pads[0] + layer.mlp(layer.post_attention_layernorm(pads[0]))
+
+            checkpoint.run(prompts.ids, layers=max(layers) + 1, progress=progress, on_layer=at_layer)
     finally:
         checkpoint.close()
-    routers = {i: torch.stack([d[donor[j]] for j in range(options.num_experts)]) for i, d in per_layer.items()}
-    shared = {i: d["shared"][None] for i, d in per_layer.items()} if "shared" in options.prompts() else None
+    routers = {i: torch.stack([d[donor[j]] for j in range(options.num_experts)]).float() for i, d in per_layer.items()}
+    shared = {i: d["shared"][None].float() for i, d in per_layer.items()} if "shared" in options.prompts() else None
     return routers, shared
 
 

@@ -36,10 +36,12 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 class StreamedCheckpoint:
     """A Llama, Mixtral or Qwen2-MoE checkpoint directory, run layer by layer in fp32 from disk (weights first
-    rounded to `round_to` if given: the dense model as it would be stored in an upcycled model's dtype)."""
+    rounded to `round_to` if given: the dense model as it would be stored in an upcycled model's dtype; before
+    that, the tensors whose names end with NAME.weight multiplied by `scales`[NAME], in their own dtype)."""
 
-    def __init__(self, path: str | os.PathLike, round_to: torch.dtype | None = None):
-        self.source, self.round_to = CheckpointReader(path), round_to
+    def __init__(self, path: str | os.PathLike, round_to: torch.dtype | None = None,
+                 scales: dict[str, float] | None = None):
+        self.source, self.round_to, self.scales = CheckpointReader(path), round_to, scales or {}
         d, name = self.source.config, os.path.join(self.source.path, "config.json")
         self.format = d.get("model_type")
         if self.format == "llama":
@@ -52,6 +54,8 @@ class StreamedCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         t = self.source.get(name)
+        factor = self.scales.get(name.rpartition(".")[0].rpartition(".")[2], 1.0)
+        t = t * factor if factor != 1.0 else t
         return t.to(self.round_to) if self.round_to is not None and t.is_floating_point() else t
 
     def is_moe(self, i: int) -> bool:
@@ -105,10 +109,12 @@ class StreamedCheckpoint:
 
     @torch.no_grad()
     def run(self, ids: torch.Tensor, tap: Callable[[int, torch.Tensor], None] | None = None, layers: int | None = None,
-            progress: bool = False) -> torch.Tensor:
+            progress: bool = False, on_layer: Callable[[int, torch.Tensor, DecoderLayer], None] | None = None
+            ) -> torch.Tensor:
         """ids [B, T] -> the output of the first `layers` layers (all by default) [B, T, H] fp32. `tap(i, x)` sees
-        layer i's FFN input x [B, T, H] (after its post-attention norm: what its router reads). Right padding is
-        harmless: attention is causal, so no position sees a later one."""
+        layer i's FFN input x [B, T, H] (after its post-attention norm: what its router reads); `on_layer(i, x,
+        layer)` the residual stream entering layer i, and the loaded layer. Right padding is harmless: attention is
+        causal, so no position sees a later one."""
         cfg = self.config
         x = self.get("model.embed_tokens.weight")[ids].float()  # [B, T, H]
         cos, sin = RotaryEmbedding(cfg)(torch.arange(ids.shape[1])[None], torch.float32)  # [1, T, D]
@@ -117,6 +123,8 @@ class StreamedCheckpoint:
             layer = self.layer(i)
             if tap is not None:
                 layer.mlp.register_forward_pre_hook(lambda module, args, i=i: tap(i, args[0]))
+            if on_layer is not None:
+                on_layer(i, x, layer)
             x, _ = layer(x, cos, sin)
         return x
 

@@ -90,10 +90,12 @@ class ExpertsResult:
 
 
 def expert_differences(moe: str | os.PathLike, donors: list[str], shared_donor: str | None = None,
-                       tokens: int = 32, seed: int = 0, progress: bool = False) -> list[float]:
+                       tokens: int = 32, seed: int = 0, progress: bool = False,
+                       residual: dict | None = None) -> list[float]:
     """Run the MoE on `tokens` random tokens; at each MoE layer l, evaluate every expert j on all the tokens' FFN
-    inputs and compare with layer l's FFN of donor j // c (rounded to the expert's dtype): max |difference| per
-    expert (the shared expert, against `shared_donor`, last)."""
+    inputs and compare with layer l's FFN of donor j // c (rounded to the expert's dtype; its down_proj first
+    times `residual`[donor position or 'shared'] where given, as the merge wrote it): max |difference| per expert
+    (the shared expert, against `shared_donor`, last)."""
     m = StreamedCheckpoint(moe)
     readers: dict[str, StreamedCheckpoint] = {}
     try:
@@ -103,23 +105,29 @@ def expert_differences(moe: str | os.PathLike, donors: list[str], shared_donor: 
         copies = E // len(donors)
         first = next(i for i in range(m.config.num_hidden_layers) if m.is_moe(i))
         dtype = m.source.dtype(formats.expert_names(fmt, first, 0)["gate"])
-        for path in dict.fromkeys([*donors, *([shared_donor] if shared_donor else [])]):
-            readers[path] = StreamedCheckpoint(path, dtype)
+        residual = residual or {}
+        keys = [*range(len(donors)), *(["shared"] if shared_donor else [])]
+        paths = [*donors, *([shared_donor] if shared_donor else [])]
+        for key, path in zip(keys, paths):  # one reader per (donor, residual scale)
+            r = residual.get(key, 1.0)
+            if (path, r) not in readers:
+                readers[path, r] = StreamedCheckpoint(path, dtype, {"down_proj": r} if r != 1.0 else None)
+        source = {key: readers[path, residual.get(key, 1.0)] for key, path in zip(keys, paths)}
         worst = [0.0] * (E + bool(shared_donor))
 
         def tap(i: int, x: torch.Tensor) -> None:
             if not m.is_moe(i):
                 return
             x, dense = x.reshape(-1, x.shape[-1]), formats.dense_mlp_names(i)  # [T, H]
-            want = {d: readers[d].mlp(x, dense) for d in dict.fromkeys(donors)}  # each donor's FFN once, not per copy
+            want = {d: source[d].mlp(x, dense) for d in range(len(donors))}  # each donor's FFN once, not per copy
             for j in range(E):
                 got = m.mlp(x, formats.expert_names(fmt, i, j))
-                worst[j] = max(worst[j], (got - want[donors[j // copies]]).abs().max().item())
+                worst[j] = max(worst[j], (got - want[j // copies]).abs().max().item())
             if shared_donor:
                 names = formats.shared_expert_names(fmt, i)
                 half = not m.get(names["shared_gate"]).any()  # a zero gate: sigmoid = 1/2, so down was doubled
                 got = m.mlp(x, names) / (2.0 if half else 1.0)
-                worst[-1] = max(worst[-1], (got - readers[shared_donor].mlp(x, dense)).abs().max().item())
+                worst[-1] = max(worst[-1], (got - source["shared"].mlp(x, dense)).abs().max().item())
 
         ids = torch.randint(0, m.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
         m.run(ids, tap, progress=progress)
@@ -135,7 +143,8 @@ def check_merged(moe: str | os.PathLike, options: UpcycleOptions, tokens: int = 
     """The expert check (`expert_differences`) and, with prompts, the share of each donor's positive prompts whose
     tokens the MoE sends first to that donor's experts (`upcycle.routers.routing_shares`)."""
     atol = EXPERT_ATOL if atol is None else atol
-    per = expert_differences(moe, options.donors, options.shared_donor, tokens, seed, progress)
+    per = expert_differences(moe, options.donors, options.shared_donor, tokens, seed, progress,
+                             options.per_donor("residual_scale"))
     routing = routing_shares(str(moe), options, progress)
     return ExpertsResult(max(per), per, tokens, atol, max(per) <= atol, routing, round(1 / len(options.donors), 4))
 
