@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up: .venv with CPU torch (unless CUDA is present) and moekit installed editable with its dev extra
-# (pytest, transformers, ruff, triton, matplotlib for `moekit plot`, datasets).
+# (pytest, transformers, ruff, triton, matplotlib for `moekit plot`, datasets, mergekit as a referee).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

@@ -12,7 +12,7 @@ from moekit.llama import Llama
 from moekit.llama.errors import ConfigError
 from moekit.upcycle import UpcycleOptions, upcycle_model
 
-from helpers import one_line_error, tiny_llama
+from helpers import moekit, one_line_error, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,3 +117,46 @@ def test_a_recipe_whose_donors_are_not_on_disk(tmp_path, capsys):
                                         "  - source_model: a/b\n  - source_model: c/d\n")
     err = refused(capsys, tmp_path, "--config", tmp_path / "merge.yml")
     assert f"--base {os.path.abspath('mistralai/Mistral-7B-v0.1')}: checkpoint directory not found" in err
+
+
+def test_mergekits_guards_name_their_override(donors, tmp_path, capsys):
+    base, paths = donors
+    err = refused(capsys, tmp_path, "--donors", paths[0], paths[0], paths[0])
+    assert f"every donor is {paths[0]}: the MoE would compute what that one model does, at more cost; give donors " \
+           "that differ, or --i-understand-this-is-not-useful-without-training to train it on" in err
+    err = refused(capsys, tmp_path, "--donors", *paths, "--router-init", "hidden", "--positive-prompts", "0:a", "1:a",
+                  "2:a", "--negative-prompts", "0:b", "1:b", "2:b")
+    assert "every expert has the same positive and negative prompts, so their routers would be the same row; give " \
+           "each expert prompts of its own, or --router-init random" in err
+    (tmp_path / "same.yml").write_text(f"base_model: {base}\nexperts:\n" + "".join(
+        f"  - source_model: {paths[0]}\n    positive_prompts: [p{i}]\n" for i in range(2)))
+    assert "--i-understand-this-is-not-useful-without-training" in refused(capsys, tmp_path, "--config",
+                                                                           tmp_path / "same.yml")
+    assert "--expert-noise: expert '5' does not exist; expected I with I in 0..2" in refused(
+        capsys, tmp_path, "--donors", *paths, "--expert-noise", "5:0.1")
+    assert "--residual-scale '0:inf': expected I:X, I the expert's index or 'shared' and X a finite factor" in refused(
+        capsys, tmp_path, "--donors", *paths, "--residual-scale", "0:inf")
+
+
+def test_the_override_merges_one_model_into_copies_it_trains_from(donors, tmp_path, capsys):
+    base, paths = donors
+    dst = tmp_path / "moe"
+    code, out, err = moekit(capsys, "upcycle", dst, "--donors", paths[0], paths[0], "--no-progress",
+                            "--i-understand-this-is-not-useful-without-training")
+    assert code == 0 and "merged 2 donors" in out, err
+
+
+def test_warnings_for_degenerate_routers_and_donors_never_chosen():
+    from moekit.upcycle.convert import Layout
+    from moekit.upcycle.donors import routing_warnings
+
+    options = UpcycleOptions(donors=["a", "b"], router_init="hidden", positive_prompts=["0:x", "1:y"])
+    rows = torch.tensor([[1.0, 0.0, 0.0], [0.999, 0.04, 0.0]])  # condition number ~50: mergekit warns above 5
+    layout = Layout([0, 1], routers={0: rows, 1: torch.eye(2, 3)})
+    warned = routing_warnings(layout, options, {"verify": {"routing": {"0": 0.75, "1": 0.0}}})
+    assert warned == [
+        "the routers of 1 layer(s) (0) are nearly degenerate: the prompts may be too similar, and some experts will be "
+        "underused",
+        "donor(s) 1 never get the first choice on their own prompts (shares 0: 75%, 1: 0%): their experts may go "
+        "unused"]
+    assert routing_warnings(Layout([0, 1], routers={1: torch.eye(2, 3)}), options, {"verify": None}) == []
