@@ -42,7 +42,7 @@ if os.environ.get("SLOW"):
         time.sleep(0.3)
         return out
     torch.optim.AdamW.step = slow
-if os.environ.get("STALL") == os.environ.get("RANK"):  # this process hangs in its first optimizer step
+if os.environ.get("STALL", "none") == os.environ.get("RANK"):  # this process hangs in its first optimizer step
     torch.optim.AdamW.step = lambda self, *a, **k: time.sleep(3600)
 from moekit import main
 sys.exit(main(["train", *sys.argv[1:]]))
