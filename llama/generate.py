@@ -22,12 +22,20 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def penalize(logits: torch.Tensor, tokens: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty, as transformers applies it: logits [B, V] of every id in tokens [B, T] divided
+    by `penalty` where positive, multiplied by it where not."""
+    seen = logits.gather(-1, tokens)  # [B, T]
+    return logits.scatter(-1, tokens, torch.where(seen > 0, seen / penalty, seen * penalty))
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens=None, use_cache: bool = True,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, repetition_penalty: float = 1.0) -> torch.Tensor:
     """input_ids [B, S] -> [B, S + n], n <= max_new_tokens. A row that emitted a stop token is padded with
-    the config's pad_token_id (else that stop token) until every row has stopped."""
+    the config's pad_token_id (else that stop token) until every row has stopped. repetition_penalty > 1
+    penalizes each id already in the row, prompt included (`penalize`), before sampling."""
     B, S = input_ids.shape
     stop = torch.tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=input_ids.device)
     pad = model.config.pad_token_id
@@ -35,6 +43,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     tokens, done = input_ids, torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     logits = model(input_ids, cache=cache).logits[:, -1]  # prefill: [B, V]
     for step in range(max_new_tokens):
+        if repetition_penalty != 1.0:
+            logits = penalize(logits, tokens, repetition_penalty)
         nxt = sample(logits, temperature, top_k, top_p, generator)  # [B]
         if len(stop):
             nxt = torch.where(done, pad if pad is not None else stop[0], nxt)

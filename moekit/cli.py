@@ -20,6 +20,7 @@ from moekit.llama.io import package_version
 from moekit.llama.options import option
 from moekit.moe.accounting.cost import Plan
 from moekit.moe.bench.options import GemmBenchOptions, LayerBenchOptions, TrainBenchOptions
+from moekit.moe.eval.options import EvalOptions
 from moekit.moe.train.options import GenerateOptions, PlotOptions, TokenizerOptions, TrainOptions
 from moekit.upcycle.options import UpcycleOptions, VerifyOptions
 
@@ -50,6 +51,12 @@ class PlannedUpcycle:
 @dataclass
 class VerifyOutput(Progress):
     json: bool = option(False, "print the result as JSON")
+
+
+@dataclass
+class EvalOutput:
+    json: bool = option(False, "print the results as JSON (rows: model, data, tokens, bytes, loss, bits_per_byte and "
+                        "their _low / _high bounds, ...)")
 
 
 # ---- what each command does with its options (the rooms are imported here, when a command runs) ------------
@@ -150,15 +157,27 @@ def _tokenizer_train(args, options: TokenizerOptions) -> int:
 
 
 def _generate(args, options: GenerateOptions) -> int:
-    from moekit.moe.train.sample import complete, for_terminal
+    from moekit.moe.train.sample import completions, for_terminal
 
-    texts = complete(options.model, options.prompt, options.max_new_tokens, options.temperature, options.top_k,
-                     options.seed)
+    done = completions(options.model, options.prompt, options.max_new_tokens, options.temperature, options.top_k,
+                       options.seed, chat=options.use_chat(), system=options.system, top_p=options.top_p,
+                       repetition_penalty=options.repetition_penalty)
     if options.json:
-        print(json.dumps([{"prompt": p, "completion": t} for p, t in zip(options.prompt, texts)], indent=1))
+        print(json.dumps([{"prompt": p, "completion": c.text, **({"ended_turn_at_once": True} if c.ended_turn_at_once
+                                                                  else {})} for p, c in zip(options.prompt, done)],
+                         indent=1))
     else:
-        for p, t in zip(options.prompt, texts):
-            print(f"{for_terminal(p)}{for_terminal(t)}\n{'-' * 40}")
+        for p, c in zip(options.prompt, done):
+            ended = "\n(the model ended its turn at once)" if c.ended_turn_at_once else ""
+            print(f"{for_terminal(p)}{chr(10) if c.chat else ''}{for_terminal(c.text)}{ended}\n{'-' * 40}")
+    return 0
+
+
+def _eval(args, options: EvalOptions) -> int:
+    from moekit.moe.eval.run import evaluate, table, to_json
+
+    result = evaluate(options)
+    print(to_json(result) if args.json else table(result))
     return 0
 
 
@@ -227,6 +246,7 @@ COMMANDS = (
                                        "count (7B, 175e9)"),), (PlannedUpcycle, ParamsOutput)),
     Command("train", TrainOptions, _train),
     Command("generate", GenerateOptions, _generate),
+    Command("eval", EvalOptions, _eval, extra=(EvalOutput,)),
     Command("plot", PlotOptions, _plot),
     Command("tokenizer", help="tokenizers for training: train one on text",
             subcommands=(Command("train", TokenizerOptions, _tokenizer_train),)),

@@ -7,7 +7,9 @@ so a user can run each by hand), reproducing the sparse-upcycling result (Komats
 3. its parameters; 4. upcycled to 8 experts, top-2 (`copy`), verified, its parameters;
 5. training continued from the same point, for the same steps and tokens, twice: the dense model and the MoE;
 6. a table (parameters, continuation FLOPs, validation loss and perplexity, tokens/s), `moekit plot` pictures and
-   greedy completions of code prompts from both.
+   greedy completions of code prompts from both;
+7. `moekit eval` of both on the held-out files: bits per byte with intervals, and the MoE's gap to the dense model
+   with its paired interval; where the MoE sends the tokens of three standard-library packages (a heatmap).
 
 Finished steps are not redone (`--fresh` starts over); an interrupted training run resumes from its last state.
 """
@@ -28,6 +30,7 @@ from moekit.cli import main as moekit_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ("def fibonacci(n):", "def read_lines(path):", "class Stack:", "    for key, value in")
+ROUTED = ("email", "json", "asyncio")  # standard-library packages whose tokens' routes are compared
 SIZES = {  # the default, and a toy size for the test of this script (seconds)
     "full": dict(preset="mini", vocab=4096, pretrain_steps=400, continue_steps=200, batch=16, seq_len=256,
                  lr_pretrain="3e-3", lr_continue="1e-3", eval_every=50, save_every=100, eval_batches=8),
@@ -84,7 +87,7 @@ def main() -> None:
         shutil.rmtree(args.out)
     os.makedirs(args.out, exist_ok=True)
     d = {name: os.path.join(args.out, name) for name in ("tokenizer", "dense", "moe", "dense-continued",
-                                                         "moe-continued", "plots")}
+                                                         "moe-continued", "plots", "eval", "routing")}
     data = ["--data", "builtin:python-stdlib", "--val-data", "builtin:python-stdlib-val"]
     common = [*data, "--batch-size", str(size["batch"]), "--seq-len", str(size["seq_len"]), "--eval-every",
               str(size["eval_every"]), "--eval-batches", str(size["eval_batches"]), "--save-every",
@@ -133,7 +136,35 @@ def main() -> None:
                                 quiet=True))
         for item in out:
             print("    " + json.dumps(item["prompt"] + item["completion"])[:160])
+    evaluation(d, size, args)
     print(f"done in {time.time() - t0:.0f} s; everything is under {args.out}/")
+
+
+def evaluation(d: dict, size: dict, args) -> None:
+    """[7] Both continuations on the held-out files, and the MoE's routing of three standard-library packages."""
+    import sysconfig
+
+    print("[7] evaluate both on the held-out files; where the MoE sends each package's tokens")
+    window = ["--max-length", str(size["seq_len"]), "--stride", str(size["seq_len"] // 2),
+              *(["--max-documents", "6"] if args.toy else [])]
+    for name in ("eval", "routing"):
+        if os.path.isdir(d[name]):
+            shutil.rmtree(d[name])
+    result = json.loads(moekit("eval", d["dense-continued"], d["moe-continued"], "--data",
+                               "held-out=builtin:python-stdlib-val", *window, "--out", d["eval"], "--json",
+                               "--no-progress", quiet=True))
+    for r in result["rows"]:
+        print(f"  {r['model']}: {r['bits_per_byte']:.4f} bits/byte [{r['bits_per_byte_low']:.4f}, "
+              f"{r['bits_per_byte_high']:.4f}] on {r['documents']} files, {r['bytes']:,} bytes")
+    gap = result["gaps"][0]
+    print(f"  MoE - dense: {gap['bits_per_byte_diff']:+.4f} bits/byte, 95% interval "
+          f"[{gap['bits_per_byte_diff_low']:+.4f}, {gap['bits_per_byte_diff_high']:+.4f}] (paired over the files)")
+    stdlib = sysconfig.get_paths()["stdlib"]
+    moekit("eval", d["moe-continued"], "--data", *(f"{p}={os.path.join(stdlib, p)}" for p in ROUTED), *window,
+           "--routing", "--out", d["routing"], "--no-progress", head=12)
+    if args.docs and not args.toy:
+        shutil.copyfile(os.path.join(d["routing"], "routing-moe-continued.png"),
+                        os.path.join(args.docs, "routing.png"))
 
 
 def report(d: dict, size: dict, args) -> None:

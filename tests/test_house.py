@@ -7,6 +7,7 @@ between modules (imports inside functions included), and a test module named aft
     moekit.moe.accounting   llama, moe
     moekit.moe.train        llama, moe, moe.accounting
     moekit.moe.bench        llama, kernels, moe, moe.accounting
+    moekit.moe.eval         llama, moe, moe.train
     moekit.upcycle          llama, moe                 folder upcycle/
     moekit (cli, args)      everything; nothing imports it
 """
@@ -27,8 +28,9 @@ MAY_IMPORT = {
     "moekit.moe.accounting": {"llama", "moe"},
     "moekit.moe.train": {"llama", "moe", "moe.accounting"},
     "moekit.moe.bench": {"llama", "kernels", "moe", "moe.accounting"},
+    "moekit.moe.eval": {"llama", "moe", "moe.train"},
     "moekit.upcycle": {"llama", "moe"},
-    "moekit": {"llama", "kernels", "moe", "moe.accounting", "moe.train", "moe.bench", "upcycle"},
+    "moekit": {"llama", "kernels", "moe", "moe.accounting", "moe.train", "moe.bench", "moe.eval", "upcycle"},
 }
 MAY_IMPORT = {room: {f"moekit.{r}" for r in rooms} for room, rooms in MAY_IMPORT.items()}
 NAMESPACE = "moekit"  # the root package, run by every import of the namespace: it holds only `main`
@@ -183,6 +185,7 @@ TESTED_WITH = {
     "moekit.moe.bench.options": "test_moe_bench_layer.py",
     "moekit.moe.bench.timing": "test_moe_bench_layer.py",
     "moekit.moe.train.options": "test_moe_train_loop.py",
+    "moekit.moe.eval.options": "test_moe_eval_run.py",
 }
 
 

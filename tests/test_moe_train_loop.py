@@ -154,6 +154,36 @@ def test_checkpoint_source_keeps_its_format_and_save_every(tmp_path):
     assert json.loads((out / "train_config.json").read_text())["source"] == str(tmp_path / "src")
 
 
+def test_the_final_validation_loss_is_of_the_weights_as_saved(tmp_path):
+    """A bf16 source is saved in bf16 (auto): the reported loss is the rounded weights', and a rounding that costs
+    more than a tenth of the gain says so, naming --save-dtype fp32."""
+    from safetensors.torch import load_file
+
+    from moekit.moe.train import loop
+
+    torch.manual_seed(0)
+    Llama(LlamaConfig.from_name("tiny")).save_pretrained(tmp_path / "src", dtype="bf16")
+    logs = []
+    r = train(TrainOptions(model=str(tmp_path / "src"), out=str(tmp_path / "out"), steps=6, batch_size=4, seq_len=32,
+                           tokenizer="bytes", lr=3e-3, eval_batches=2, progress=False), log=logs.append)
+    config = json.loads((tmp_path / "out" / "train_config.json").read_text())
+    assert config["saved_dtype"] == "bfloat16" and r.saved_dtype == "bfloat16"
+    assert config["val_loss"] == r.val_loss != config["val_loss_before_rounding"] == r.val_loss_unrounded
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for name, t in r.model.state_dict().items():  # the model evaluated last holds exactly what OUT holds
+        if name in saved:
+            assert torch.equal(t, saved[name].float()), name
+    assert f"(as saved in bfloat16; {r.val_loss_unrounded:.4f} before rounding)" in logs[-1 - bool(r.note)]
+    gain, cost = r.initial_val_loss - r.val_loss_unrounded, r.val_loss - r.val_loss_unrounded
+    assert (r.note is not None) == (gain > 0 and cost > loop.ROUNDING_SHARE * gain)
+    if r.note:
+        assert "--save-dtype fp32 keeps the trained weights" in r.note and logs[-1] == r.note
+    fp32 = train(TrainOptions(model=str(tmp_path / "src"), out=str(tmp_path / "fp32"), steps=6, batch_size=4,
+                              seq_len=32, tokenizer="bytes", lr=3e-3, eval_batches=2, progress=False,
+                              save_dtype="fp32"), log=None)
+    assert fp32.val_loss_unrounded is None and fp32.val_loss == pytest.approx(r.val_loss_unrounded, abs=1e-6)
+
+
 # ---- real checkpoints: the upcycled model continues the dense one, the output is complete -------------------
 
 def test_upcycled_copy_starts_at_its_dense_parents_loss_and_the_output_is_complete(tmp_path):

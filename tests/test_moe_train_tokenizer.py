@@ -115,3 +115,43 @@ def test_the_standard_library_is_built_in_data_split_by_file():
     assert len(train.files) > 10 * len(held_out.files) > 0 and not set(train.files) & set(held_out.files)
     assert all(f.endswith(".py") and "/test/" not in f for f in train.files + held_out.files)
     assert Documents("builtin:python-stdlib", "text").files == train.files  # a fixed selection
+
+
+def chat_tokenizer(directory, eos: str = "<|im_end|>", extra=("<|endoftext|>",)):
+    """A BPE tokenizer like a chat checkpoint's: <|im_start|>, <|im_end|> (its EOS) and `extra` special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(corpus(1), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>", *extra], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    directory.mkdir()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
+    return tok
+
+
+def test_a_chat_tokenizer_ends_documents_with_its_document_token_not_its_end_of_turn(tmp_path, capsys):
+    tok = chat_tokenizer(tmp_path / "chat")
+    ours = load_tokenizer(str(tmp_path / "chat"), None)
+    im_end, eot = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
+    assert (ours.eos_id, ours.separator_id, ours.convention) == (im_end, eot, "eos")
+    assert ours.encode_documents(["ab", "c"])[0][-1] == eot
+    chat_tokenizer(tmp_path / "plain", extra=())  # no document token: its EOS it is
+    assert load_tokenizer(str(tmp_path / "plain"), None).separator_id == im_end
+    ours.set_separator("<|im_end|>")
+    assert ours.encode_documents(["ab"])[0][-1] == im_end
+    with pytest.raises(Exception, match=r"--doc-separator '<eos>' is not a special token of .*; its special tokens: "
+                                        r"<\|endoftext\|>, <\|im_end\|>, <\|im_start\|>"):
+        ours.set_separator("<eos>")
+    # through the trainer: a different separator is different data (another cache entry), and bytes have none
+    (tmp_path / "d.txt").write_text(corpus(1)[0][:3000])
+    common = dict(model="tiny", out=None, data=str(tmp_path / "d.txt"), tokenizer=str(tmp_path / "chat"), steps=1,
+                  batch_size=2, seq_len=16, eval_batches=1, progress=False, token_cache=str(tmp_path / "cache"))
+    train(TrainOptions(**common), log=None)
+    train(TrainOptions(**common, doc_separator="<|im_end|>"), log=None)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    assert "--doc-separator '<|im_end|>': the bytes tokenizer has no special tokens" in one_line_error(
+        capsys, "train", "tiny", "--out", tmp_path / "x", "--data", tmp_path / "d.txt", "--doc-separator",
+        "<|im_end|>")

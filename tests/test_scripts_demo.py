@@ -31,6 +31,12 @@ def test_the_demo_pipeline_at_toy_size(tmp_path):
     assert dense["tokens"] == moe["tokens"] > 0 and moe["train_flops"] > dense["train_flops"]
     pngs = [f for f in os.listdir(tmp_path / "demo" / "plots") if f.endswith(".png")]
     assert pngs and "greedy completions, moe-continued:" in out
+    evaluated = json.loads((tmp_path / "demo" / "eval" / "results.json").read_text())
+    assert [r["data"] for r in evaluated["rows"]] == ["held-out"] * 2 and len(evaluated["gaps"]) == 1
+    assert "MoE - dense: " in out and "(paired over the files)" in out
+    routing = json.loads((tmp_path / "demo" / "routing" / "results.json").read_text())["routing"][0]
+    assert list(routing["fractions"]) == ["email", "json", "asyncio"]
+    assert (tmp_path / "demo" / "routing" / "routing-moe-continued.png").is_file()
     again = demo(tmp_path / "demo")  # finished steps are not redone
     assert again.count("(done: ") == 5 and "$ moekit train" not in again
     os.rename(tmp_path / "demo" / "moe-continued", tmp_path / "demo" / "gone")

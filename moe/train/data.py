@@ -220,7 +220,7 @@ def load_tokens(spec: str, tokenizer, vocab_size: int, text_field: str = "text",
     if tokenizer is None:
         raise ConfigError(f"{spec} is text, and the model has no tokenizer.json: pass --tokenizer PATH (a "
                           "tokenizer.json or a directory holding one) or --tokenizer bytes")
-    h = hashlib.sha256(tokenizer.fingerprint.encode() + tokenizer.convention.encode())
+    h = hashlib.sha256(tokenizer.key.encode())
     for part in docs.key_parts():
         h.update(part)
     cache = os.path.join(cache_dir or default_cache_dir(), h.hexdigest()[:32] + ".npy")

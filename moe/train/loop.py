@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moekit.llama.checkpoint import dtype_from_name
 from moekit.llama.errors import ConfigError, MoekitError
 from moekit.llama.io import check_inputs, read_side_json
 from moekit.moe.model import MoEForCausalLM
@@ -52,11 +53,17 @@ from .options import TrainOptions
 from .parallel import Parallel, check_layout, resharded, return_large_frees
 from .resume import real_paths, restore, resume_command, resumed_options
 from .source import Source, load_inputs, make_schedule
-from .state import WorkDir, gathered, save_complete, write_json
+from .state import WorkDir, gathered, save_complete, saved_dtype, write_json
 
 
 class TrainingDiverged(MoekitError):
     """The loss became NaN or infinite."""
+
+
+# The run says so when rounding the trained weights to the saved dtype loses more than this share of its gain in
+# validation loss. The default --save-dtype (the source's) stays: an output the size and dtype of its source that
+# loads like it, and a user told, with the figures, when fp32 would keep what training bought.
+ROUNDING_SHARE = 0.1
 
 
 @dataclass
@@ -71,6 +78,9 @@ class TrainResult:
     metrics: list[dict]
     out: str | None
     start_step: int = 0  # the step this run resumed at (0: it started at the beginning)
+    val_loss_unrounded: float | None = None  # val_loss of the fp32 weights, when OUT holds them rounded
+    saved_dtype: str | None = None  # the dtype of OUT's weights
+    note: str | None = None  # what the rounding to saved_dtype cost, when it cost much
 
 
 @dataclass
@@ -298,6 +308,27 @@ def save_state(run: Run, step: int) -> None:
     work.save_state(acc, step, o.keep_last, progress, write)
 
 
+def evaluate_as_saved(run: Run, val: float, dtype: str) -> tuple[float, str | None]:
+    """The validation loss of the weights as OUT holds them: every saved tensor of the trained model rounded in place
+    to `dtype` (elementwise, so shards too), evaluated as training evaluates; and a note when the rounding lost more
+    than ROUNDING_SHARE of the run's gain in validation loss."""
+    cast = dtype_from_name(dtype)
+    with torch.no_grad():
+        for module in run.model.modules():
+            saved = [*module.parameters(recurse=False), *(b for n, b in module.named_buffers(recurse=False)
+                                                          if n not in module._non_persistent_buffers_set)]
+            for t in saved:
+                if t.is_floating_point():
+                    t.copy_(t.to(cast).to(t.dtype))
+    rounded = evaluate(run.model, run.data, run.options, run.accelerator)
+    gain = run.initial_val - val if run.initial_val is not None else 0.0
+    note = None
+    if gain > 0 and rounded - val > ROUNDING_SHARE * gain:
+        note = (f"note: rounding the weights to {dtype} for OUT cost {rounded - val:.4f} of the run's {gain:.4f} gain "
+                f"in validation loss ({(rounded - val) / gain:.0%}); --save-dtype fp32 keeps the trained weights")
+    return rounded, note
+
+
 def write_checkpoint(run: Run, directory: str) -> nn.Module:
     """The complete checkpoint in `directory` (every process takes part, the main one writes); returns the trained
     model in eval mode: whole, or still split when `run.parallel` (the checkpoint then gathered and written one
@@ -382,22 +413,28 @@ def finish_run(run: Run, train_loss: float, val: float, seconds: float) -> Train
     check_finite(train_loss, o.steps)  # never publish OUT with a loss that is not a number
     check_finite(val, o.steps, what="validation loss")
     acc.wait_for_everyone()
+    dtype, unrounded, note = saved_dtype(o.save_dtype, run.source.config) if work else None, None, None
     if work:
         model = write_checkpoint(run, work.path)
+        if dtype != "float32":  # what the run reports is what it wrote
+            unrounded, (val, note) = val, evaluate_as_saved(run, val, dtype)
+            model.eval()
     else:
         model = run.raw.eval() if run.parallel else gathered(acc, run.model)
     if acc.log_with:
         acc.end_training()
     result = TrainResult(model, o.steps, o.steps * run.tokens_per_step, train_loss, val,
                          run.initial_val if run.initial_val is not None else float("nan"), seconds, run.metrics,
-                         work.out if work else None, run.start_step)
+                         work.out if work else None, run.start_step, unrounded, dtype, note)
     if work and acc.is_main_process:
         initial = result.initial_val_loss if math.isfinite(result.initial_val_loss) else None  # lost: unknown
         resumed = {"resumed_at_step": run.start_step} if run.start_step else {}
+        rounded = {"val_loss_before_rounding": unrounded} if unrounded is not None else {}
         write_json(os.path.join(work.path, "train_config.json"), {
             **read_side_json(work.path, "train_config.json", required=True), "model_type": run.raw.config.model_type,
             "parameters": run.parameters, "tokens": result.tokens, "seconds": round(seconds, 3), **resumed,
-            "train_loss": train_loss, "initial_val_loss": initial, "val_loss": val})
+            "train_loss": train_loss, "initial_val_loss": initial, "val_loss": val, "saved_dtype": dtype,
+            **rounded})
     if work:
         work.finish(o.force)
     return result
@@ -442,6 +479,8 @@ def train(options: TrainOptions, log=print, given: set[str] | None = None) -> Tr
             work.release()  # on every way out (a resumed run's lock, an error before training starts)
     if main_log:
         main_log(summary_line(result, run.source.description))
+        if result.note:
+            main_log(result.note)
     return result
 
 
@@ -480,5 +519,7 @@ def summary_line(r: TrainResult, source: str) -> str:
     timing = (f"{r.tokens:,} tokens in {r.seconds:.1f} s ({speed})" if not r.start_step else
               f"{r.tokens:,} tokens; resumed at step {r.start_step}: {r.steps - r.start_step} steps, {mine:,} tokens in "
               f"{r.seconds:.1f} s ({speed} in this run)")
+    rounded = (f" (as saved in {r.saved_dtype}; {r.val_loss_unrounded:.4f} before rounding)"
+               if r.val_loss_unrounded is not None else "")
     return (f"trained {source}: {r.steps} steps, {timing}; train loss {r.train_loss:.4f}, "
-            f"val loss {r.initial_val_loss:.4f} -> {r.val_loss:.4f}{where}")
+            f"val loss {r.initial_val_loss:.4f} -> {r.val_loss:.4f}{rounded}{where}")

@@ -39,6 +39,10 @@ class TrainOptions:
     tokenizer: str | None = option(None, "tokenizer.json, a directory holding one, or 'bytes'", metavar="TOK",
                                    default_text="the checkpoint's own; bytes for presets")
     text_field: str = option("text", ".jsonl / datasets: the field holding the text", metavar="NAME")
+    doc_separator: str | None = option(None, "the special token that follows every document (e.g. "
+                                       "'<|endoftext|>')", metavar="TOKEN",
+                                       default_text="BOS before each document where the tokenizer starts with one; "
+                                       "else <|endoftext|> / <|end_of_text|> if it has one, else its EOS")
     token_cache: str | None = option(None, "where tokenised data is cached (.npy memmaps keyed by tokenizer and "
                                      "data hashes)", metavar="DIR", default_text="$XDG_CACHE_HOME/moekit/tokens")
     steps: int = option(200, "optimizer steps", metavar="N", min=1)
@@ -139,13 +143,23 @@ class GenerateOptions:
     """complete prompts with a checkpoint and its own tokenizer
 
     Continue each --prompt with the checkpoint MODEL (dense or MoE; its tokenizer.json), greedily by default, and
-    print the completions."""
+    print the completions. Where MODEL has a chat template (chat_template.jinja, or tokenizer_config.json's
+    chat_template) each prompt is a user message (after --system) in that template, as transformers'
+    apply_chat_template writes it, and the reply ends at the end-of-turn token; --no-chat feeds raw text."""
 
     model: str | None = option(None, "checkpoint directory with a tokenizer.json", metavar="MODEL", positional=True)
     prompt: list[str] = option(default_factory=lambda: ["def "], help="prompts to complete", metavar="TEXT")
     max_new_tokens: int = option(40, "tokens to generate per prompt", metavar="N", min=1, max=100_000)
     temperature: float = option(0.0, "0 = greedy; above 0 samples", metavar="T", min=0, max=100)
     top_k: int | None = option(None, "sample from the k likeliest tokens", metavar="K", min=1)
+    top_p: float = option(1.0, "sample from the likeliest tokens whose probabilities add up to P (nucleus); "
+                          "1 = off; needs --temperature", metavar="P", gt=0, max=1)
+    repetition_penalty: float = option(1.0, "divide the positive logits of tokens already in the text (prompt "
+                                       "included) by R and multiply the others (CTRL); 1 = off", metavar="R", min=1)
+    chat: bool | None = option(None, "put each prompt through MODEL's chat template (the default where it has one "
+                               "that opens the model's turn)")
+    no_chat: bool = option(False, "feed each prompt as raw text, not through the chat template")
+    system: str | None = option(None, "a system message before each prompt (chat only)", metavar="TEXT")
     seed: int = option(0, "seed for sampling", metavar="N", min=0, max=MAX_SEED)
     json: bool = option(False, "print the completions as JSON")
 
@@ -153,6 +167,17 @@ class GenerateOptions:
         check_options(self)
         if not self.model:
             raise ConfigError("MODEL is required: a checkpoint directory")
+        if self.chat and self.no_chat:
+            raise ConfigError("--chat and --no-chat contradict each other; give one")
+        if self.no_chat and self.system is not None:
+            raise ConfigError("--system goes through the chat template, which --no-chat turns off; drop one")
+        if self.top_p < 1 and self.temperature == 0:
+            raise ConfigError(f"--top-p {self.top_p:g} needs --temperature above 0: greedy decoding takes the "
+                              "likeliest token whatever P")
+
+    def use_chat(self) -> bool | None:
+        """True (--chat), False (--no-chat) or None (the checkpoint decides)."""
+        return False if self.no_chat else self.chat
 
 
 @dataclass

@@ -29,7 +29,7 @@ from .budget import check_budget
 from .data import TokenData, load_tokens
 from .optim import Schedule
 from .options import CONTINUED, SCRATCH, TrainOptions
-from .tokenizer import ByteTokenizer, check_fits, load_tokenizer
+from .tokenizer import ByteTokenizer, HFTokenizer, check_fits, load_tokenizer
 
 MOE_TYPES = MoEConfig.MODEL_TYPES  # moekit's own model_type and the checkpoint formats
 
@@ -132,6 +132,12 @@ def load_inputs(options: TrainOptions, accelerator) -> tuple[Source, Any, TokenD
     tokenizer = load_tokenizer(options.tokenizer, directory, config)
     if tokenizer is None and directory is None:
         tokenizer = ByteTokenizer()
+    if options.doc_separator is not None:
+        if not isinstance(tokenizer, HFTokenizer):
+            raise ConfigError(f"--doc-separator {options.doc_separator!r}: the "
+                              f"{'bytes tokenizer has' if tokenizer else 'data are token ids and have'} no special "
+                              "tokens; give a tokenizer.json that has it")
+        tokenizer.set_separator(options.doc_separator)
     source = load_model(options.model, options.seed, tokenizer)
     mcfg = source.model.config
     configure_moe(source.model, options)

@@ -241,6 +241,14 @@ def _reason(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
+def saved_dtype(dtype: str, source_config: dict | None) -> str:
+    """The dtype --save-dtype writes (auto: the source checkpoint's, float32 for presets), by its torch name."""
+    if dtype == "auto":
+        stored = (source_config or {}).get("torch_dtype") or (source_config or {}).get("dtype")
+        return stored if stored in ("float32", "bfloat16", "float16") else "float32"
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
+
+
 def save_complete(model: nn.Module, directory: str, dtype: str, source_dir: str | None, source_config: dict | None,
                   tokenizer, units=None) -> None:
     """A Hugging Face directory a user can load and chat with: config and weights (in `dtype`; auto: the source
@@ -248,9 +256,7 @@ def save_complete(model: nn.Module, directory: str, dtype: str, source_dir: str 
     elsewhere (None: token ids were given, no tokenizer to write). Files already in `directory` (metrics, train
     config) are kept. `units`: the weights come from these dicts of full tensors (see `write_units`), `model`
     then only gives the config."""
-    if dtype == "auto":
-        stored = (source_config or {}).get("torch_dtype") or (source_config or {}).get("dtype")
-        dtype = stored if stored in ("float32", "bfloat16", "float16") else "float32"
+    dtype = saved_dtype(dtype, source_config)
     tmp = os.path.join(directory, ".checkpoint")
     try:
         _write_checkpoint(model, tmp, dtype, source_dir, tokenizer, units)

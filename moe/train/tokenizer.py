@@ -2,8 +2,11 @@
 transformers needed), another one, or raw bytes.
 
 Documents are joined following the tokenizer's convention: a tokenizer whose post-processor starts a sequence
-with BOS (Llama) gets BOS before each document; otherwise EOS goes after each one (GPT-2 style); a tokenizer
-with neither gets a newline between documents.
+with BOS (Llama) gets BOS before each document; otherwise a document token goes after each one (GPT-2 style):
+<|endoftext|> or <|end_of_text|> where the tokenizer has one as a special token, else its EOS. A chat checkpoint's
+EOS is its end-of-turn token (SmolLM2-Instruct's <|im_end|>), which should end turns, not documents, so a document
+token it also has wins. `set_separator` (`moekit train --doc-separator TOKEN`) chooses the token that follows every
+document instead. A tokenizer with none of these gets a newline between documents.
 
 The `tokenizers` library is never handed more than PIECE characters at once: a longer document (a 200 MB line)
 is cut into pieces first (`pieces`), as its users do, just before whitespace that follows a letter or digit,
@@ -30,6 +33,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
 _EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "[CLS]")
+_DOCUMENT_NAMES = ("<|endoftext|>", "<|end_of_text|>")  # tokens that end documents, not turns
 PIECE = 1 << 20  # characters: the most text handed to the `tokenizers` library at once (~1.5 s of BPE)
 BATCH_CHARS = 1 << 20  # characters encoded in one encode_batch call (bounds the library's Encoding objects)
 _CUTS = (re.compile(r"(?<=[^\W_])(?=\s)"),  # before whitespace after a letter or digit: a pre-token boundary
@@ -80,6 +84,7 @@ class ByteTokenizer:
     byte-level `tokenizer.json` (id = byte value), so a byte-level model's output is complete too."""
 
     name, fingerprint, convention = "bytes", "bytes", "concatenated"
+    key = "bytes|concatenated"
     vocab_size = num_ids = 256  # ids are 0..num_ids-1
     bos_id = eos_id = None
 
@@ -133,12 +138,30 @@ class HFTokenizer:
         self.bos_id = self._special("bos", model_config, _BOS_NAMES)
         self.eos_id = self._special("eos", model_config, _EOS_NAMES)
         probe = self.tok.encode("a", add_special_tokens=True).ids
+        special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        self.separator_id = next((self.tok.token_to_id(n) for n in _DOCUMENT_NAMES
+                                  if self.tok.token_to_id(n) in special), self.eos_id)  # after each document
         if self.bos_id is not None and probe[:1] == [self.bos_id]:
             self.convention = "bos"
-        elif self.eos_id is not None:
+        elif self.separator_id is not None:
             self.convention = "eos"
         else:
             self.convention = "newline"
+
+    def set_separator(self, token: str) -> None:
+        """Follow every document with the special token `token` (and start none with BOS)."""
+        added = self.tok.get_added_tokens_decoder()
+        special = {t.content: i for i, t in added.items() if t.special}
+        if token not in special:
+            names = ", ".join(sorted(special)[:12]) or "none"
+            raise ConfigError(f"--doc-separator {token!r} is not a special token of {self.path}; its special tokens: "
+                              f"{names}")
+        self.separator_id, self.convention = special[token], "eos"
+
+    @property
+    def key(self) -> str:
+        """What fixes the ids of tokenised data besides the text (the token cache's key)."""
+        return f"{self.fingerprint}|{self.convention}|{self.separator_id}"
 
     def is_bytes(self) -> bool:
         """A byte-level tokenizer.json without merges or special tokens (as `ByteTokenizer.save` writes)."""
@@ -167,7 +190,7 @@ class HFTokenizer:
         parts = [pieces(t) for t in texts]
         flat = iter(self._encode_pieces([p for ps in parts for p in ps]))
         before = [self.bos_id] if self.convention == "bos" else []
-        after = [self.eos_id] if self.convention == "eos" else self.encode("\n") if not before else []
+        after = [self.separator_id] if self.convention == "eos" else self.encode("\n") if not before else []
         return [np.concatenate([np.asarray(before, np.uint32), *(next(flat) for _ in ps), np.asarray(after, np.uint32)])
                 for ps in parts]
 

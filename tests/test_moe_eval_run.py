@@ -1,0 +1,54 @@
+"""moe.eval.run and its options through `moekit eval`: lm-eval tasks from local files run on moekit's model and
+land in the table, the JSON and --out DIR/results.json; impossible option combinations are one line."""
+
+import json
+
+import pytest
+
+from helpers import moekit, one_line_error, tiny_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TASK = """task: tiny_qa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_tasks_from_local_files_through_moekit_eval(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    model = str(tiny_checkpoint(tmp_path / "dense"))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    with open(tasks / "qa.jsonl", "w") as f:
+        for q, choices, answer in [("2 + 2 =", ["4", "5"], 0), ("def f(x): return", ["x", "]"], 0),
+                                   ("The sky is", ["blue", "loud"], 0)]:
+            f.write(json.dumps({"question": q, "choices": choices, "answer": answer}) + "\n")
+    (tasks / "tiny_qa.yaml").write_text(TASK.format(data=tasks / "qa.jsonl"))
+    code, out, err = moekit(capsys, "eval", model, "--tasks", "tiny_qa", "--include-path", str(tasks), "--limit", "2",
+                            "--out", str(tmp_path / "report"), "--json")
+    assert code == 0, err
+    results = json.loads(out)["tasks"][model]
+    assert results["n-samples"]["tiny_qa"]["effective"] == 2 and 0 <= results["results"]["tiny_qa"]["acc,none"] <= 1
+    assert json.loads((tmp_path / "report" / "results.json").read_text())["tasks"] == json.loads(out)["tasks"]
+    code, out, err = moekit(capsys, "eval", model, "--tasks", "tiny_qa", "--include-path", str(tasks), "--limit", "2")
+    assert code == 0 and f"lm-eval tasks on {model}:" in out and "tiny_qa: acc " in out, out + err
+    assert "no_such_task" in one_line_error(capsys, "eval", model, "--tasks", "no_such_task", "--include-path",
+                                            tasks)
+
+
+def test_options_that_need_others_are_one_line(tmp_path, capsys):
+    assert "--limit is an option of --tasks" in one_line_error(capsys, "eval", tmp_path, "--data", "x", "--limit",
+                                                               "3")
+    assert "--routing reads the --data specs" in one_line_error(capsys, "eval", tmp_path, "--tasks", "t", "--routing")
+    assert "checkpoint directory not found" in one_line_error(capsys, "eval", tmp_path / "none", "--data", "x")
