@@ -186,6 +186,7 @@ TESTED_WITH = {
     "moekit.moe.bench.timing": "test_moe_bench_layer.py",
     "moekit.moe.train.options": "test_moe_train_loop.py",
     "moekit.moe.eval.options": "test_moe_eval_run.py",
+    "moekit.moe.train.runs": "test_moe_train_plot.py",
 }
 
 

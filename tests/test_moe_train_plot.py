@@ -20,15 +20,8 @@ from moekit.moe.config import MoEConfig
 from moekit.moe.formats import hf_config_dict
 from moekit.moe.train import TrainOptions, train
 from moekit.moe.train.metrics import routing_entry, train_flops_per_token
-from moekit.moe.train.plot import (
-    expert_figure,
-    figures,
-    load_figure,
-    read_metrics,
-    read_runs,
-    routing_figure,
-    routing_heatmaps,
-)
+from moekit.moe.train.plot import expert_figure, figures, load_figure, routing_figure, routing_heatmaps
+from moekit.moe.train.runs import read_metrics, read_runs
 
 from helpers import moekit, one_line_error
 

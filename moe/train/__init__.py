@@ -14,8 +14,10 @@
                (--expert-parallel), gradients, clipping and the gathered checkpoint of a split model
     sharded    a split run's training state through torch.distributed.checkpoint, resharded on load
     loop       the loop itself, in phases: set up or resume, step, log, evaluate, save, publish OUT
-    plot       PNG plots of runs (`moekit plot`)
+    runs       the runs `moekit plot` reads: metrics checked, the model found for FLOPs and layer indices
+    plot       PNG plots of runs (`moekit plot`), and routing heatmaps (`moekit eval --routing`)
     sample     completions from a checkpoint with its own tokenizer (`moekit generate`)
+    chat       a checkpoint's chat template, rendered as transformers renders it (`moekit generate --chat`)
 
 It imports `moekit.llama`, `moekit.moe` and `moekit.moe.accounting`. Exports load on first use.
 
