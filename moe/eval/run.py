@@ -6,6 +6,7 @@ and tokenizer.json, an MoE for --routing, every data spec present."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -41,12 +42,13 @@ def check_model(path: str, routing: bool) -> dict:
     return config
 
 
-def evaluate(options: EvalOptions, log=print) -> dict:
+def evaluate(options: EvalOptions) -> dict:
     """{"rows": [one per (model, data)], "gaps": [each model after the first against the first, per data: bits per
     byte with a paired interval], "routing": [one per model] (with --routing), "tasks": {model: lm-eval results}
     (with --tasks)}; written to OUT/results.json with --out."""
     specs = parse_data(options.data or [])
-    configs = {m: check_model(m, options.routing) for m in options.models}
+    for m in options.models:
+        check_model(m, options.routing)
     for s in specs:
         Documents(s.spec, options.text_field)  # present and readable, before any model runs
     if options.tasks:  # lm-eval installed: checked before the first model runs
@@ -54,11 +56,11 @@ def evaluate(options: EvalOptions, log=print) -> dict:
 
         require_lm_eval()
     with AtomicDir(options.out, options.force, [("MODEL", m) for m in options.models], "--out") if options.out \
-            else _nowhere() as out:
+            else contextlib.nullcontext() as out:
         result = {"rows": [], "gaps": [], "routing": [], "tasks": {}}
         names, first = _file_names(options.models), None
         for model_dir in options.models:
-            rows, routing, scores = score_model(model_dir, configs[model_dir], specs, options, out, names[model_dir])
+            rows, routing, scores = score_model(model_dir, specs, options, out, names[model_dir])
             result["rows"] += rows
             if first is None:
                 first = (model_dir, scores)
@@ -75,14 +77,6 @@ def evaluate(options: EvalOptions, log=print) -> dict:
     return result
 
 
-class _nowhere:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _file_names(models: list[str]) -> dict[str, str]:
     """A distinct file-name stem per model directory (its base name, numbered when two share one)."""
     out: dict[str, str] = {}
@@ -92,7 +86,7 @@ def _file_names(models: list[str]) -> dict[str, str]:
     return out
 
 
-def score_model(model_dir: str, config: dict, specs: list[DataSpec], options: EvalOptions, out: str | None,
+def score_model(model_dir: str, specs: list[DataSpec], options: EvalOptions, out: str | None,
                 name: str) -> tuple[list[dict], dict | None, dict]:
     """One model on every spec: its rows, its routing (with --routing) and its DocumentScores per label."""
     if not specs:
