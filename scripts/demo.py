@@ -147,6 +147,11 @@ def evaluation(d: dict, size: dict, args) -> None:
     print("[7] evaluate both on the held-out files; where the MoE sends each package's tokens")
     window = ["--max-length", str(size["seq_len"]), "--stride", str(size["seq_len"] // 2),
               *(["--max-documents", "6"] if args.toy else [])]
+    made = [os.path.join(d[n], "results.json") for n in ("eval", "routing")]
+    trained = max(os.path.getmtime(os.path.join(d[f"{n}-continued"], "train_config.json")) for n in ("dense", "moe"))
+    if all(os.path.isfile(f) and os.path.getmtime(f) > trained for f in made):
+        print(f"  (done: {d['eval']}, {d['routing']})")  # evaluated after the models were last trained
+        return
     for name in ("eval", "routing"):
         if os.path.isdir(d[name]):
             shutil.rmtree(d[name])

@@ -38,7 +38,7 @@ def test_the_demo_pipeline_at_toy_size(tmp_path):
     assert list(routing["fractions"]) == ["email", "json", "asyncio"]
     assert (tmp_path / "demo" / "routing" / "routing-moe-continued.png").is_file()
     again = demo(tmp_path / "demo")  # finished steps are not redone
-    assert again.count("(done: ") == 5 and "$ moekit train" not in again
+    assert again.count("(done: ") == 6 and "$ moekit train" not in again and "$ moekit eval" not in again
     os.rename(tmp_path / "demo" / "moe-continued", tmp_path / "demo" / "gone")
     (tmp_path / "demo" / "moe-continued.partial").mkdir()  # as a kill before the first save leaves it
     (tmp_path / "demo" / "moe-continued.partial" / "train_config.json").write_text(
