@@ -287,3 +287,33 @@ def donor_prompts() -> dict[int, list[str]]:
 def prompt_flags(prompts: dict[int, list[str]]) -> list[str]:
     """--positive-prompts values, I:TEXT."""
     return [f"{i}:{t}" for i, texts in prompts.items() for t in texts]
+
+
+MULTIPLE_CHOICE_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+def multiple_choice_task(root, name: str, docs: list[tuple[str, list[str], int]] = (), data=None):
+    """A local lm-eval multiple-choice task in `root`: NAME.jsonl of `docs` (question, choices, answer index) and
+    NAME.yaml reading it (or `data`, another file, when given); returns root."""
+    import pathlib
+
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data = root / f"{name}.jsonl"
+        data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in docs))
+    (root / f"{name}.yaml").write_text(MULTIPLE_CHOICE_TASK.format(name=name, data=data, cache=root / "cache"))
+    return root

@@ -3,7 +3,6 @@ upcycled: per-sample log-likelihoods of a local multiple-choice task, rolling lo
 edge cases (empty / long / space-ending contexts) and greedy generations with stop strings; the
 `python -m moekit.moe.eval.harness` route; one-line errors."""
 
-import json
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from moekit.llama.errors import ConfigError
 from moekit.moe.eval import harness
 from moekit.moe.eval.harness import MoekitLM, run_tasks
 
-from helpers import PROSE, ROOT, single_thread, tiny_checkpoint
+from helpers import PROSE, ROOT, multiple_choice_task, single_thread, tiny_checkpoint
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")  # lm-eval's hf model, the reference
@@ -27,20 +26,6 @@ DOCS = [("What is the capital of France?", ["Paris", "London", "Rome"], 0),
         ("The sky is", ["blue", "green", "loud"], 0),
         ("import", ["json", "os", "re"], 2)]
 
-TASK_YAML = """task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -67,12 +52,7 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
     """A directory with the local multiple-choice task tiny_mc (its jsonl beside it)."""
-    root = tmp_path_factory.mktemp("tasks")
-    with open(root / "tiny_mc.jsonl", "w") as f:
-        for question, choices, answer in DOCS:
-            f.write(json.dumps({"question": question, "choices": choices, "answer": answer}) + "\n")
-    (root / "tiny_mc.yaml").write_text(TASK_YAML.format(data=root / "tiny_mc.jsonl", cache=root / "cache"))
-    return root
+    return multiple_choice_task(tmp_path_factory.mktemp("tasks"), "tiny_mc", DOCS)
 
 
 def hf_lm(directory, **kw):
@@ -177,10 +157,7 @@ def test_errors_are_one_line(checkpoints, tasks, tmp_path, monkeypatch):
     assert "float16" in one_line_error(lambda: MoekitLM(dense, dtype="float16"))
     assert "batch_size" in one_line_error(lambda: MoekitLM(dense, batch_size="auto"))
     # a task whose data file is gone fails while lm-eval loads it, before the model is asked anything
-    gone = tmp_path / "gone"
-    gone.mkdir()
-    (gone / "gone.yaml").write_text(TASK_YAML.replace("tiny_mc", "gone_mc").format(
-        data=tmp_path / "missing.jsonl", cache=tmp_path / "cache"))
+    gone = multiple_choice_task(tmp_path / "gone", "gone_mc", data=tmp_path / "missing.jsonl")
     msg = one_line_error(lambda: run_tasks(dense, ["gone_mc"], include_path=gone))
     assert "gone_mc" in msg and "failed to load" in msg
     (gone / "broken.yaml").write_text("task: [unclosed\n")

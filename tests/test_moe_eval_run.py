@@ -7,36 +7,18 @@ import pytest
 
 from moekit.moe.eval.run import table
 
-from helpers import moekit, one_line_error, tiny_checkpoint
+from helpers import moekit, multiple_choice_task, one_line_error, tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TASK = """task: tiny_qa
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-"""
 
 
 @pytest.mark.slow
 def test_lm_eval_tasks_from_local_files_through_moekit_eval(tmp_path, capsys):
     pytest.importorskip("lm_eval")
     model = str(tiny_checkpoint(tmp_path / "dense"))
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    with open(tasks / "qa.jsonl", "w") as f:
-        for q, choices, answer in [("2 + 2 =", ["4", "5"], 0), ("def f(x): return", ["x", "]"], 0),
-                                   ("The sky is", ["blue", "loud"], 0)]:
-            f.write(json.dumps({"question": q, "choices": choices, "answer": answer}) + "\n")
-    (tasks / "tiny_qa.yaml").write_text(TASK.format(data=tasks / "qa.jsonl"))
+    tasks = multiple_choice_task(tmp_path / "tasks", "tiny_qa", [("2 + 2 =", ["4", "5"], 0),
+                                 ("def f(x): return", ["x", "]"], 0), ("The sky is", ["blue", "loud"], 0)])
     code, out, err = moekit(capsys, "eval", model, "--tasks", "tiny_qa", "--include-path", str(tasks), "--limit", "2",
                             "--out", str(tmp_path / "report"), "--json")
     assert code == 0, err

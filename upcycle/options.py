@@ -204,12 +204,11 @@ class UpcycleOptions:
         """{expert key (donor position, or 'shared'): [prompt, ...]} from the I:TEXT strings."""
         out: dict[int | str, list[str]] = {}
         for p in getattr(self, f"{kind}_prompts") or ():
-            key, sep, text = p.partition(":")
-            key = key.strip()
-            if not sep or not (re.fullmatch(r"[0-9]{1,6}", key) or key == "shared"):
+            key, text = expert_key(p)
+            if key is None:
                 raise ConfigError(f"--{kind}-prompts {shown(p, 40)}: expected I:TEXT, I the expert's index or "
                                   "'shared'")
-            out.setdefault(int(key) if key != "shared" else key, []).append(text)
+            out.setdefault(key, []).append(text)
         return out
 
     def per_donor(self, name: str) -> dict[int | str, float]:
@@ -217,18 +216,15 @@ class UpcycleOptions:
         out: dict[int | str, float] = {}
         flag = f"--{name.replace('_', '-')}"
         for p in getattr(self, name) or ():
-            key, sep, value = str(p).partition(":")
-            key = key.strip()
+            key, value = expert_key(str(p))
             try:
                 number = float(value)
             except ValueError:
                 number = math.nan
-            if not sep or not (re.fullmatch(r"[0-9]{1,6}", key) or key == "shared") or not math.isfinite(number) \
-                    or (name == "expert_noise" and number < 0):
+            if key is None or not math.isfinite(number) or (name == "expert_noise" and number < 0):
                 what = "a standard deviation >= 0" if name == "expert_noise" else "a finite factor"
                 raise ConfigError(f"{flag} {shown(p, 40)}: expected I:X, I the expert's index or 'shared' and X "
                                   f"{what}")
-            key = int(key) if key != "shared" else key
             if key in out:
                 raise ConfigError(f"{flag}: expert {key} is given twice")
             out[key] = number
@@ -293,6 +289,15 @@ class UpcycleOptions:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def expert_key(value: str) -> tuple[int | str | None, str]:
+    """'I:REST' -> (I as an int, or 'shared'; None when malformed, REST)."""
+    key, sep, rest = value.partition(":")
+    key = key.strip()
+    if not sep or not (re.fullmatch(r"[0-9]{1,6}", key) or key == "shared"):
+        return None, rest
+    return (int(key) if key != "shared" else key), rest
 
 
 def parse_moe_layers(value: str | list[int]) -> str | list[int]:

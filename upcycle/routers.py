@@ -57,6 +57,7 @@ class Prompts:
     own: torch.Tensor  # [P, T] bool: the prompt's own tokens (not special tokens, not padding)
     keys: list  # [P] the expert key of each prompt (donor position or 'shared')
     signs: list[int]  # [P] +1 positive, -1 negative
+    pad: int | None = None  # mergekit's way: the id its batches are padded with (BOS, else EOS)
 
 
 def special_token(directory: str, name: str) -> str | None:
@@ -103,7 +104,7 @@ def tokenize(directory: str, options: UpcycleOptions, vocab_size: int, negatives
     if ids.numel() and int(ids.max()) >= vocab_size:
         raise ConfigError(f"{directory}/tokenizer.json gives token id {int(ids.max())}; the model's vocab_size is "
                           f"{vocab_size}")
-    prompts = Prompts(ids, own, keys, signs)
+    prompts = Prompts(ids, own, keys, signs, pad_token(directory, tok) if mergekit else None)
     for key in dict.fromkeys(k for k, s in zip(keys, signs) if s > 0):
         if not own[[p for p, k in enumerate(keys) if k == key and signs[p] > 0]].any():
             raise ConfigError(f"--positive-prompts: expert {key}'s prompts have no tokens of their own")
@@ -235,11 +236,10 @@ def prompt_routers(base: str, options: UpcycleOptions, layers: list[int], vocab_
                     per_layer[i] = directions(x, prompts, scale)
             checkpoint.run(prompts.ids, at_ffn, layers=max(layers) + 1, progress=progress)
         else:
-            pad_id = pad_token(base, checkpoint_tokenizer(base))
-            if init == "hidden-avg" and pad_id is None:
+            if init == "hidden-avg" and prompts.pad is None:
                 raise ConfigError(f"{base}: --router-init hidden-avg pads prompts with the BOS or EOS token, and "
                                   "tokenizer_config.json names neither")
-            pads = [checkpoint.get("model.embed_tokens.weight")[pad_id or 0].float()[None]]  # [1, H]
+            pads = [checkpoint.get("model.embed_tokens.weight")[prompts.pad or 0].float()[None]]  # [1, H]
 
             def at_layer(i: int, x: torch.Tensor, layer) -> None:
                 if i in layers:

@@ -69,6 +69,14 @@ def windows(n: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def resamples(n: int, seed: int) -> Iterator[np.ndarray]:
+    """BOOTSTRAP resamples of n documents (with replacement), seeded: index arrays [<= 50, n], 50 resamples at a
+    time."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, BOOTSTRAP, 50):
+        yield rng.integers(0, n, (min(50, BOOTSTRAP - start), n))
+
+
 @dataclass
 class DocumentScores:
     nats: list[float] = field(default_factory=list)  # per document: summed -log p of its tokens
@@ -83,13 +91,9 @@ class DocumentScores:
                "perplexity": math.exp(N / T), "bits_per_byte": N / math.log(2) / Y}
         lo = hi = None
         if len(nats) > 1:
-            rng, loss, bpb = np.random.default_rng(seed), [], []
-            for start in range(0, BOOTSTRAP, 50):  # [50, D] indices at a time
-                idx = rng.integers(0, len(nats), (min(50, BOOTSTRAP - start), len(nats)))
-                n, t, y = nats[idx].sum(1), tokens[idx].sum(1), nbytes[idx].sum(1)
-                loss.append(n / np.maximum(t, 1))
-                bpb.append(n / math.log(2) / np.maximum(y, 1))
-            loss, bpb = np.concatenate(loss), np.concatenate(bpb)
+            loss, bpb = (np.concatenate(v) for v in zip(*(
+                (nats[i].sum(1) / np.maximum(tokens[i].sum(1), 1),
+                 nats[i].sum(1) / math.log(2) / np.maximum(nbytes[i].sum(1), 1)) for i in resamples(len(nats), seed))))
             lo = {"loss": np.percentile(loss, 2.5), "bits_per_byte": np.percentile(bpb, 2.5)}
             hi = {"loss": np.percentile(loss, 97.5), "bits_per_byte": np.percentile(bpb, 97.5)}
         for key in ("loss", "bits_per_byte"):
@@ -107,11 +111,8 @@ def paired_difference(base: DocumentScores, other: DocumentScores, seed: int = 0
     gap = (b.sum() - a.sum()) / math.log(2) / nbytes.sum()
     out = {"bits_per_byte_diff": float(gap), "bits_per_byte_diff_low": None, "bits_per_byte_diff_high": None}
     if len(a) > 1:
-        rng, gaps = np.random.default_rng(seed), []
-        for start in range(0, BOOTSTRAP, 50):
-            idx = rng.integers(0, len(a), (min(50, BOOTSTRAP - start), len(a)))
-            gaps.append((b[idx].sum(1) - a[idx].sum(1)) / math.log(2) / np.maximum(nbytes[idx].sum(1), 1))
-        gaps = np.concatenate(gaps)
+        gaps = np.concatenate([(b[i].sum(1) - a[i].sum(1)) / math.log(2) / np.maximum(nbytes[i].sum(1), 1)
+                               for i in resamples(len(a), seed)])
         out.update(bits_per_byte_diff_low=float(np.percentile(gaps, 2.5)),
                    bits_per_byte_diff_high=float(np.percentile(gaps, 97.5)))
     return out
@@ -182,10 +183,11 @@ class Scorer:
         nats = torch.cat([torch.logsumexp(logits := (rows[c:c + CHUNK] @ self.head.T).float(), -1)
                           - logits.gather(1, want[c:c + CHUNK, None])[:, 0] for c in range(0, len(rows), CHUNK)])
         owner = torch.repeat_interleave(torch.tensor([d for d, _, _, _ in batch]), scored.sum(1))  # [N]
-        per_doc = torch.zeros(len(scores.nats), dtype=torch.float64).index_add_(0, owner, nats.double().cpu())
-        for d in owner.unique().tolist():
-            scores.nats[d] += float(per_doc[d])
+        docs, which = owner.unique(return_inverse=True)  # the batch's documents
+        sums = torch.zeros(len(docs), dtype=torch.float64).index_add_(0, which, nats.double().cpu())
+        for d, n in zip(docs.tolist(), sums.tolist()):
+            scores.nats[d] += n
         if self.on_routing is not None:
-            moe = [a for a in aux if a is not None]
-            for number, a in enumerate(moe):
-                self.on_routing(number, a.expert_ids.view(len(batch), T, -1)[own.to(device)])  # [N', k]
+            own = own.to(device)
+            for number, a in enumerate(a for a in aux if a is not None):
+                self.on_routing(number, a.expert_ids.view(len(batch), T, -1)[own])  # [N', k]

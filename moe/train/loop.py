@@ -50,7 +50,7 @@ from .metrics import (
 )
 from .optim import Schedule, make_optimizer
 from .options import TrainOptions
-from .parallel import Parallel, check_layout, resharded, return_large_frees
+from .parallel import Parallel, check_layout, persistent_buffers, resharded, return_large_frees
 from .resume import real_paths, restore, resume_command, resumed_options
 from .source import Source, load_inputs, make_schedule
 from .state import WorkDir, gathered, save_complete, saved_dtype, write_json
@@ -314,12 +314,9 @@ def evaluate_as_saved(run: Run, val: float, dtype: str) -> tuple[float, str | No
     than ROUNDING_SHARE of the run's gain in validation loss."""
     cast = dtype_from_name(dtype)
     with torch.no_grad():
-        for module in run.model.modules():
-            saved = [*module.parameters(recurse=False), *(b for n, b in module.named_buffers(recurse=False)
-                                                          if n not in module._non_persistent_buffers_set)]
-            for t in saved:
-                if t.is_floating_point():
-                    t.copy_(t.to(cast).to(t.dtype))
+        for t in [*run.model.parameters(), *(b for _, b in persistent_buffers(run.model))]:
+            if t.is_floating_point():
+                t.copy_(t.to(cast).to(t.dtype))
     rounded = evaluate(run.model, run.data, run.options, run.accelerator)
     gain = run.initial_val - val if run.initial_val is not None else 0.0
     note = None
