@@ -176,12 +176,18 @@ class CheckpointReader:
         start, end = self.tensors[name][1]["data_offsets"]
         return end - start
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor, read from its shard into a fresh buffer (only its bytes are touched)."""
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """One tensor, read from its shard into a fresh buffer (only its bytes are touched); `rows`: only those
+        indices of its first dimension (a slice of step 1), i.e. one contiguous range of its bytes."""
         if name not in self.tensors:
             raise CheckpointError(f"{self.path}: tensor '{name}' not found")
         file, info = self.tensors[name]
         start, end = info["data_offsets"]
+        shape = list(info["shape"])
+        if rows is not None:
+            first, stop, _ = rows.indices(shape[0])
+            row_bytes = (end - start) // max(shape[0], 1)
+            start, end, shape[0] = start + first * row_bytes, start + stop * row_bytes, stop - first
         if file not in self._open:
             self._open[file] = open(self.files[file], "rb")
         f = self._open[file]
@@ -189,7 +195,7 @@ class CheckpointReader:
         f.seek(self._data_start[file] + start)
         if end > start and f.readinto(memoryview(buf.numpy())) != end - start:
             raise CheckpointError(f"{self.path}/{file}: truncated while reading tensor '{name}'")
-        return buf.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+        return buf.view(DTYPES[info["dtype"]]).reshape(shape)
 
     def close(self) -> None:
         for f in self._open.values():
@@ -245,8 +251,9 @@ class StateDictReader:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.tensors[name].detach()
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        t = self.tensors[name].detach()
+        return t if rows is None else t[rows]
 
     def close(self) -> None:
         pass

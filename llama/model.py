@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,6 +30,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()  # the statistics in fp32, whatever the activation dtype
@@ -256,9 +260,14 @@ class Llama(nn.Module):
         d["torch_dtype"] = dtype_name(dtype)
         return d
 
+    def checkpoint_plan(self, reader: CheckpointReader) -> dict[str, Read]:
+        """{state dict name: its reader} for `reader`'s checkpoint, checked against this model's names and shapes
+        before anything is read (a sharded run reads each tensor, or its rows, when it places it)."""
+        return matching_plan(self, reader)
+
     def load_checkpoint_tensors(self, reader: CheckpointReader, dtype=None) -> dict[str, torch.Tensor]:
         """The state dict read from `reader`, tensor by tensor, checked against this model's shapes."""
-        return load_matching(self, reader, dtype)
+        return read_plan(self.checkpoint_plan(reader), dtype)
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | str | None = None, device=None):
@@ -299,9 +308,13 @@ class Llama(nn.Module):
             save_state_dict(tmp, tensors, max_shard_size)
 
 
-def load_matching(model: nn.Module, reader: CheckpointReader, dtype=None,
-                  rename: Callable[[str], str] = lambda n: n) -> dict[str, torch.Tensor]:
-    """Read every tensor `model` expects (under `rename(name)` on disk), checking shapes; refuse extras."""
+Read = Callable[[slice | None], torch.Tensor]  # one tensor of a checkpoint (rows: of its first dimension), as stored
+
+
+def matching_plan(model: nn.Module, reader: CheckpointReader,
+                  rename: Callable[[str], str] = lambda n: n) -> dict[str, Read]:
+    """{name: its reader} of every tensor `model` expects (under `rename(name)` on disk), the names and shapes
+    checked and extras refused before anything is read."""
     tied = getattr(model.config, "tie_word_embeddings", False)
     expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     wanted = {rename(k): k for k in expected}
@@ -309,7 +322,7 @@ def load_matching(model: nn.Module, reader: CheckpointReader, dtype=None,
         if name not in wanted and not name.endswith("rotary_emb.inv_freq") and not (tied and name == "lm_head.weight"):
             raise CheckpointError(f"{reader.path}: unexpected tensor '{name}' for a {model.config.model_type} "
                                   f"model of this config")
-    state = {}
+    plan = {}
     for disk, name in wanted.items():
         if disk not in reader:
             raise CheckpointError(f"{reader.path}: tensor '{disk}' is missing")
@@ -317,6 +330,14 @@ def load_matching(model: nn.Module, reader: CheckpointReader, dtype=None,
         if shape != want:
             raise CheckpointError(f"{reader.path}: tensor '{disk}' has shape {list(shape)}, "
                                   f"expected {list(want)} from config.json")
-        t = reader.get(disk)
+        plan[name] = partial(reader.get, disk)
+    return plan
+
+
+def read_plan(plan: dict[str, Read], dtype=None) -> dict[str, torch.Tensor]:
+    """Every tensor of `plan`, whole, floating-point ones cast to `dtype` (None: as stored)."""
+    state = {}
+    for name, read in plan.items():
+        t = read(None)
         state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     return state

@@ -9,7 +9,7 @@ On disk, `qwen2_moe`:               model.layers.N.mlp.gate.weight, mlp.experts.
 Reading also accepts the fused in-memory names (gate_up_proj / down_proj) under either prefix.
 
 The small pure functions here (names, config.json) let a converter stream a checkpoint expert by expert
-without building a model; `to_disk` / `from_disk` turn a whole in-memory state dict into either format and back.
+without building a model; `to_disk` turns a whole in-memory state dict into either format, `disk_plan` reads either back, tensor by tensor.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 
 from moekit.llama.errors import CheckpointError, ConfigError
+from moekit.llama.model import Read
 
 from .config import MoEConfig
 
@@ -202,51 +204,63 @@ def to_disk(config: MoEConfig, format: str, state: dict[str, torch.Tensor]) -> I
             yield name, t
 
 
-def from_disk(reader, config: MoEConfig, expected: dict[str, tuple[int, ...]],
-              dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Read the in-memory state dict `expected` ({name: shape}) from a checkpoint of either format (per-expert
-    or transformers-5 fused expert tensors), checking every shape and refusing tensors it does not use."""
+def disk_plan(reader, config: MoEConfig, expected: dict[str, tuple[int, ...]]) -> dict[str, Read]:
+    """{name: its reader} of the in-memory state dict `expected` ({name: shape}) from a checkpoint of either format
+    (per-expert or transformers-5 fused expert tensors): every shape checked, and tensors it does not use refused,
+    before anything is read. A routed expert tensor's reader takes the rows (experts) to read: a rank of an
+    expert-parallel run reads only its own experts."""
     used: set[str] = set()
 
-    def get(disk: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def get(disk: str, shape: tuple[int, ...]) -> Read:
         if disk not in reader:
             raise CheckpointError(f"{reader.path}: tensor '{disk}' is missing")
         if reader.shape(disk) != tuple(shape):
             raise CheckpointError(f"{reader.path}: tensor '{disk}' has shape {list(reader.shape(disk))}, expected "
                                   f"{list(shape)} from config.json")
         used.add(disk)
-        t = reader.get(disk)
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return partial(reader.get, disk)
 
-    state: dict[str, torch.Tensor] = {}
+    def stacked(reads: list[Read]) -> Read:
+        """The experts' tensors [F, H] or [H, F] of `reads` (one per expert), stacked [E, ...] (rows: those experts)."""
+        return lambda rows=None: torch.stack([read(None) for read in reads[rows or slice(None)]])
+
+    plan: dict[str, Read] = {}
     E, Fe, H = config.num_local_experts, config.moe_intermediate_size, config.hidden_size
     for name, shape in expected.items():
         m = _MOE_KEY.fullmatch(name)
         if not m or not config.is_moe_layer(int(m[1])):
-            state[name] = get(name, shape)
+            plan[name] = get(name, shape)
             continue
         i, rest = int(m[1]), m[2]
         prefix = next((f"model.layers.{i}.{p}" for p in ("block_sparse_moe", "mlp")
                        if f"model.layers.{i}.{p}.gate.weight" in reader), f"model.layers.{i}.mlp")
         if rest == "gate.e_score_correction_bias":
             disk = f"{prefix}.gate.e_score_correction_bias"
-            state[name] = get(disk, shape) if disk in reader else torch.zeros(shape, dtype=dtype or torch.float32)
+            plan[name] = get(disk, shape) if disk in reader else lambda rows=None, s=shape: torch.zeros(s)[rows or slice(None)]
         elif rest == "experts.gate_up_proj":
             if f"{prefix}.experts.gate_up_proj" in reader:  # transformers-5 fused names
-                state[name] = get(f"{prefix}.experts.gate_up_proj", shape)
+                plan[name] = get(f"{prefix}.experts.gate_up_proj", shape)
                 continue
             fmt = "mixtral" if f"{prefix}.experts.0.w1.weight" in reader else "qwen2_moe"
             names = [{r: n.replace(f"model.layers.{i}.{_PREFIX[fmt]}", prefix) for r, n in
                       expert_names(fmt, i, e).items()} for e in range(E)]
-            gate = torch.stack([get(n["gate"], (Fe, H)) for n in names])  # [E, F, H]
-            up = torch.stack([get(n["up"], (Fe, H)) for n in names])
-            state[name] = torch.cat([gate, up], dim=1)  # [E, 2F, H]
-            state[name.replace("gate_up_proj", "down_proj")] = torch.stack([get(n["down"], (H, Fe)) for n in names])
+            gate, up = (stacked([get(n[r], (Fe, H)) for n in names]) for r in ("gate", "up"))
+            plan[name] = lambda rows=None, gate=gate, up=up: torch.cat([gate(rows), up(rows)], dim=1)  # [E, 2F, H]
+            plan[name.replace("gate_up_proj", "down_proj")] = stacked([get(n["down"], (H, Fe)) for n in names])
         elif rest == "experts.down_proj":
             if f"{prefix}.experts.down_proj" in reader:
-                state[name] = get(f"{prefix}.experts.down_proj", shape)
+                plan[name] = get(f"{prefix}.experts.down_proj", shape)
         else:  # router and shared expert
-            state[name] = get(f"{prefix}.{rest}", shape)
+            plan[name] = get(f"{prefix}.{rest}", shape)
+    _refuse_unused(reader, config, used)
+    missing = [n for n in expected if n not in plan]
+    if missing:
+        raise CheckpointError(f"{reader.path}: no tensor for '{missing[0]}' (neither per-expert nor fused names)")
+    return {n: plan[n] for n in expected}
+
+
+def _refuse_unused(reader, config: MoEConfig, used: set[str]) -> None:
+    """A one-line CheckpointError for the first tensor of `reader` that no in-memory tensor is read from."""
     for name in reader.names():
         if name in used or name.endswith("rotary_emb.inv_freq"):
             continue
@@ -256,7 +270,3 @@ def from_disk(reader, config: MoEConfig, expected: dict[str, tuple[int, ...]],
                 "shared_expert_gate" in name or 0 in reader.shape(name)):
             continue  # qwen2_moe's empty shared expert (width 0) contributes nothing
         raise CheckpointError(f"{reader.path}: unexpected tensor '{name}' for an MoE model of this config.json")
-    missing = [n for n in expected if n not in state]
-    if missing:
-        raise CheckpointError(f"{reader.path}: no tensor for '{missing[0]}' (neither per-expert nor fused names)")
-    return state

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from moekit.llama.checkpoint import CheckpointReader, dtype_name
-from moekit.llama.model import MLP, KVCache, Llama
+from moekit.llama.model import MLP, KVCache, Llama, Read
 
 from . import formats
 from .config import MoEConfig
@@ -102,10 +102,10 @@ class MoEForCausalLM(Llama):
         """(name, tensor) pairs of `state` as a `format` checkpoint stores them (experts one by one)."""
         return formats.to_disk(self.config, format, dict(super().disk_pairs(state)))
 
-    def load_checkpoint_tensors(self, reader: CheckpointReader, dtype=None) -> dict[str, torch.Tensor]:
+    def checkpoint_plan(self, reader: CheckpointReader) -> dict[str, Read]:
         tied = self.config.tie_word_embeddings
         expected = {k: tuple(v.shape) for k, v in self.state_dict().items() if not (tied and k == "lm_head.weight")}
-        return formats.from_disk(reader, self.config, expected, dtype)
+        return formats.disk_plan(reader, self.config, expected)
 
     def checkpoint_config(self, dtype: torch.dtype, format: str = "auto") -> dict:
         d = formats.hf_config_dict(self.config, self.resolve_format(format))

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Training memory across processes: one upcycled model trained for a few fp32 steps by 2 gloo processes (or
 NCCL GPUs), replicated, with --shard-degree 2, and with --expert-parallel 2; per process the peak memory (RSS on
-a CPU, allocated on a GPU), the training state it held (weights, gradients, AdamW moments) and the tokens/s, beside
-what `moekit params --gpus 2 ...` plans for that state.
+a CPU, allocated on a GPU) once set up (the model loaded and split) and over the run, the training state it held
+(weights, gradients, AdamW moments) and the tokens/s, beside what `moekit params --gpus 2 ...` plans for that
+state.
 
     .venv/bin/python scripts/bench_parallel.py          # SmolLM2-135M-shaped, 4 experts on every other layer: ~254M
     .venv/bin/python scripts/bench_parallel.py --layers 4 --steps 2 --json /tmp/p.json   # a quick look
@@ -46,7 +47,7 @@ def make_model(work: Path, layers: int, experts: int) -> Path:
 
 
 def train(model: Path, out: Path, layout: list[str], args) -> dict:
-    """One run under torchrun; its last metrics line."""
+    """One run under torchrun; its last metrics line, with the peak memory through set-up (of its first line)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.processes),
            "-m", "moekit", "train", str(model), "--tokenizer", "bytes", "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--log-every", "1",
@@ -56,7 +57,7 @@ def train(model: Path, out: Path, layout: list[str], args) -> dict:
     if done.returncode:
         sys.exit(done.stderr[-3000:])
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
-    return lines[-1]
+    return {**lines[-1], "setup_memory_gb": next(m["setup_memory_gb"] for m in lines if "setup_memory_gb" in m)}
 
 
 def main() -> None:
@@ -79,7 +80,8 @@ def main() -> None:
             shard = args.processes if "--shard-degree" in layout else None
             ep = args.processes if "--expert-parallel" in layout else 1
             planned = derive(count, Plan(dtype="fp32", gpus=args.processes, shard_degree=shard, expert_parallel=ep))
-            rows.append({"layout": name, "peak_memory_gb": last["peak_memory_gb"],
+            rows.append({"layout": name, "setup_memory_gb": last["setup_memory_gb"],
+                         "peak_memory_gb": last["peak_memory_gb"],
                          "train_state_gb": last["train_state_gb"],
                          "planned_state_gb": round(planned.figure("train_memory_bytes_per_gpu").value / 1e9, 3),
                          "tokens_per_s": last["tokens_per_s"]})
@@ -87,9 +89,11 @@ def main() -> None:
     print(f"{count.total_params / 1e6:.0f}M parameters ({count.total.get('routed_experts', 0) / 1e6:.0f}M in routed "
           f"experts), {args.processes} processes, {args.steps} fp32 steps of {args.batch_size} x {args.seq_len} "
           f"tokens per process; {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    print(f"{'layout':<20}{'peak GB':>10}{'vs repl.':>10}{'state GB':>10}{'planned':>10}{'tokens/s':>10}")
+    print(f"{'layout':<20}{'set-up GB':>10}{'peak GB':>10}{'vs repl.':>10}{'state GB':>10}{'planned':>10}"
+          f"{'tokens/s':>10}")
     for r in rows:
-        print(f"{r['layout']:<20}{r['peak_memory_gb']:>10.2f}{r['peak_memory_gb'] / base:>10.2f}"
+        print(f"{r['layout']:<20}{r['setup_memory_gb']:>10.2f}{r['peak_memory_gb']:>10.2f}"
+              f"{r['peak_memory_gb'] / base:>10.2f}"
               f"{r['train_state_gb']:>10.3f}{r['planned_state_gb']:>10.3f}{r['tokens_per_s']:>10.0f}")
     record = {"parameters": count.total_params, "routed_expert_parameters": count.total.get("routed_experts", 0),
               "processes": args.processes, "steps": args.steps, "batch_size": args.batch_size,

@@ -7,6 +7,7 @@ import pytest
 from moekit.llama.io import memory_available
 from moekit.moe.train import TrainOptions
 from moekit.moe.train.budget import run_bytes
+from moekit.moe.train.parallel import Layout, is_routed_expert
 from moekit.moe.train.source import load_model
 
 from hostile import refused
@@ -31,8 +32,18 @@ def test_an_absurd_size_is_refused_before_allocating(model, sizes, tmp_path, cap
 def test_the_estimate_of_a_normal_run_is_small_and_counts_each_part():
     model = load_model("tiny-moe").model
     o = TrainOptions(model="tiny-moe", batch_size=8, grad_accum=2, seq_len=128, eval_batches=4)
-    need = run_bytes(o, model, processes=2)
+    need = run_bytes(o, model, Layout(world=2))
     params = sum(p.numel() for p in model.parameters())
     assert need["optimizer"] == 12 * params
     assert need["windows"] == 8 * ((2 * 8 + 4 * 8) * 129 + (2 + 4) * 8 * 2)
     assert 0 < sum(need.values()) < 1e9 < (memory_available() or 2e9)
+
+
+def test_a_split_run_counts_this_process_share():
+    model = load_model("tiny-moe", meta=True).model  # nothing loaded: the estimate needs only the shapes
+    o = TrainOptions(model="tiny-moe", batch_size=8, seq_len=128)
+    experts = sum(p.numel() for n, p in model.named_parameters() if is_routed_expert(n))
+    dense = sum(p.numel() for p in model.parameters()) - experts
+    assert run_bytes(o, model, Layout(world=4, shard=4))["weights"] == 4 * (dense + experts) / 4
+    assert run_bytes(o, model, Layout(world=4, expert=2))["weights"] == 4 * (dense + experts / 2)
+    assert run_bytes(o, model, Layout(world=4, shard=2, expert=2))["weights"] == 4 * (dense / 2 + experts / 4)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from moekit.moe.accounting import Plan, count_params, derive
+from moekit.moe.train.source import load_model
 
 from helpers import ROOT, one_line_error
 
@@ -143,6 +144,18 @@ def test_four_processes_expert_parallel_times_sharded(trainer, tmp_path):
     check_same_run(tmp_path / "one", tmp_path / "four")
     fractions = metrics(tmp_path / "four")[4]["expert_fraction"]
     assert all(layer[-2:] == [0.0, 0.0] for layer in fractions), fractions  # experts 6 and 7 never chosen
+
+
+@pytest.mark.slow
+def test_a_checkpoint_loads_straight_into_each_process_part(trainer, tmp_path):
+    # a Mixtral-format checkpoint in bf16 (per-expert tensors): each process reads its experts and its shards from
+    # the file, in fp32, and trains as one process that read it whole
+    load_model("tiny-moe-8x2", seed=4).model.to(torch.bfloat16).save_pretrained(tmp_path / "ckpt", format="mixtral")
+    args = [str(tmp_path / "ckpt"), "--tokenizer", "bytes", "--steps", "3", "--save-dtype", "fp32", *COMMON]
+    launch(trainer, 1, *args, "--batch-size", "4", "--out", str(tmp_path / "one"))
+    launch(trainer, 2, *args, "--batch-size", "2", "--shard-degree", "2", "--expert-parallel", "2",
+           "--out", str(tmp_path / "two"))
+    check_same_run(tmp_path / "one", tmp_path / "two")
 
 
 def kill_after_state(child, state, step: int, marker: str) -> None:

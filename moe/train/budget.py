@@ -6,7 +6,10 @@ The estimate is simple on purpose, in fp32 as the trainer keeps weights and opti
 A --grad-accum, S --seq-len, P processes, N --eval-batches; the model: L layers, H hidden, F the FFN width one
 token goes through (intermediate_size; for MoE k experts' width plus the shared expert's), k experts per token):
 
-    optimizer    12 bytes a parameter: gradients and AdamW's two moments (the weights are loaded already)
+    optimizer    12 bytes a parameter this process holds (its share under --shard-degree / --expert-parallel):
+                 gradients and AdamW's two moments
+    weights      4 bytes a parameter it holds; on CPU counted only while the model is unloaded (a split run's,
+                 on the meta device: a whole model is loaded already)
     windows      8 bytes a token id (int64): one optimizer step's windows [A*B, S+1], the validation windows
                  [N*B, S+1], and the window starts drawn for all processes (A*B*P and N*B*P)
     activations  4 bytes x B x S x (L x (16 H + 4 F + 2 k H) + 4 H) for one micro-batch: per layer and token,
@@ -27,33 +30,39 @@ from moekit.llama.errors import ConfigError
 from moekit.llama.io import check_memory
 
 from .options import TrainOptions
+from .parallel import Layout, is_routed_expert
 
 HINT = "lower --batch-size, --grad-accum, --eval-batches or --seq-len"
 _CAP = 10**30  # estimates beyond this are absurd anyway (and stay printable as floats)
 
 
-def run_bytes(options: TrainOptions, model: nn.Module, processes: int) -> dict[str, int]:
+def run_bytes(options: TrainOptions, model: nn.Module, layout: Layout) -> dict[str, int]:
     """{part: bytes} of the estimate in the module docstring (Python integers: no overflow)."""
     o, cfg = options, model.config
-    B, A, S, N, P = o.batch_size, o.grad_accum, o.seq_len, o.eval_batches, processes
+    B, A, S, N, P = o.batch_size, o.grad_accum, o.seq_len, o.eval_batches, layout.world
     H, L = cfg.hidden_size, cfg.num_hidden_layers
     k = getattr(cfg, "num_experts_per_tok", 0) if hasattr(cfg, "num_local_experts") else 0
     F = (k * cfg.moe_intermediate_size + cfg.shared_expert_intermediate_size) if k else cfg.intermediate_size
-    params = sum(p.numel() for p in model.parameters())
+    params = 0  # this process's share: the dense weights split over --shard-degree, the experts as `layout` says
+    for name, p in model.named_parameters():
+        replicas = layout.expert_replicas() if is_routed_expert(name) else layout.dense_replicas()
+        params += -(-p.numel() * replicas // layout.world)
     return {"optimizer": 12 * params,
             "windows": 8 * ((A * B + N * B) * (S + 1) + (A + N) * B * P),
             "activations": 4 * B * S * (L * (16 * H + 4 * F + 2 * k * H) + 4 * H),
             "weights": 4 * params}
 
 
-def check_budget(options: TrainOptions, model: nn.Module, processes: int, device: torch.device) -> None:
+def check_budget(options: TrainOptions, model: nn.Module, layout: Layout, device: torch.device) -> None:
     """Refuse, before allocating, a run estimated to need more memory than the machine has (see the module
     docstring)."""
-    need = {k: min(v, _CAP) for k, v in run_bytes(options, model, processes).items()}
+    need = {k: min(v, _CAP) for k, v in run_bytes(options, model, layout).items()}
     what = (f"training with --batch-size {options.batch_size} x --grad-accum {options.grad_accum} x --seq-len "
             f"{options.seq_len} and --eval-batches {options.eval_batches}")
     if device.type != "cuda":
-        check_memory(need["optimizer"] + need["windows"] + need["activations"], what, HINT)
+        unloaded = next(model.parameters()).is_meta
+        check_memory(need["optimizer"] + need["windows"] + need["activations"] + unloaded * need["weights"], what,
+                     HINT)
         return
     check_memory(need["windows"], what + " (its token windows, on the host)", HINT)
     on_device = need["weights"] + need["optimizer"] + need["activations"] + need["windows"]

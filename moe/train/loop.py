@@ -50,7 +50,7 @@ from .metrics import (
 )
 from .optim import Schedule, make_optimizer
 from .options import TrainOptions
-from .parallel import Parallel, check_layout, persistent_buffers, resharded, return_large_frees
+from .parallel import Parallel, persistent_buffers, resharded, return_large_frees
 from .resume import real_paths, restore, resume_command, resumed_options
 from .source import Source, load_inputs, make_schedule
 from .state import WorkDir, gathered, save_complete, saved_dtype, write_json
@@ -108,6 +108,7 @@ class Run:
     initial_val: float | None = None  # validation loss before the first step
     last_time: float = 0.0  # when the current logging interval started (tokens/s)
     untimed_steps: int = 0  # steps of the interval trained before a resume (not in this run's time)
+    setup_memory_gb: float | None = None  # peak memory once set up (the model loaded and split), until logged
 
     @property
     def is_moe(self) -> bool:
@@ -161,16 +162,14 @@ def start_run(options: TrainOptions, accelerator, work: WorkDir | None, log=None
 
     if (options.shard_degree > 1 or options.expert_parallel > 1) and accelerator.device.type == "cpu":
         return_large_frees()  # before the whole model is loaded, to be split
-    source, tokenizer, data, data_source = load_inputs(options, accelerator)
+    source, layout, tokenizer, data, data_source = load_inputs(options, accelerator)
     schedule = make_schedule(options, source)
     flops_per_token = train_flops_per_token(source.model, options.seq_len)
     peak = options.peak_flops or device_peak_flops(accelerator.device, options.mixed_precision)
-    layout = check_layout(accelerator.num_processes, options.shard_degree, options.expert_parallel,
-                          source.model.config)
     parameters, parallel, model = source.model.num_parameters(), None, source.model
     set_seed(options.seed)
     if layout.parallel:
-        parallel = Parallel.apply(model, layout, accelerator.device, options.mixed_precision,
+        parallel = Parallel.apply(model, layout, accelerator.device, source.weights, options.mixed_precision,
                                   options.activation_checkpointing)
     else:
         model.model.checkpoint_layers = options.activation_checkpointing
@@ -193,6 +192,7 @@ def start_run(options: TrainOptions, accelerator, work: WorkDir | None, log=None
                                          options.steps - 1)}, "processes": accelerator.num_processes,
                                      "layout": layout.describe()})
     run.initial_val = next((m["val_loss"] for m in run.metrics if m.get("step") == 0 and "val_loss" in m), None)
+    run.setup_memory_gb = peak_memory_gb(accelerator)
     if accelerator.log_with:
         accelerator.init_trackers("moekit", config={k: v for k, v in dataclasses.asdict(options).items()
                                                     if isinstance(v, (int, float, str, bool))})
@@ -260,6 +260,8 @@ def log_entry(run: Run, step: int, lr: float) -> dict:
              "mfu": mfu(run.flops_per_token, tokens_per_s, run.peak, acc.num_processes)}
     entry["peak_memory_gb"] = peak_memory_gb(acc)
     entry["train_state_gb"] = largest(acc, train_state_bytes(run.model, run.optimizer))
+    if run.setup_memory_gb is not None:  # this run's first line
+        entry["setup_memory_gb"], run.setup_memory_gb = run.setup_memory_gb, None
     if run.is_moe:
         entry.update(routing_entry(values))
     run.last_time = now

@@ -28,6 +28,8 @@ from moekit.llama.errors import ConfigError
 from moekit.moe.expert_parallel import ExpertGroup
 from moekit.moe.experts import SwiGLUExperts
 
+from .weights import materialize
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -99,11 +101,10 @@ class Parallel:
     expert_mesh: object | None = None  # (edp, ep), N > 1
 
     @classmethod
-    def apply(cls, model: nn.Module, layout: Layout, device: torch.device, mixed_precision: str,
+    def apply(cls, model: nn.Module, layout: Layout, device: torch.device, weights, mixed_precision: str,
               activation_checkpointing: bool) -> Parallel:
-        """Split `model` (on the CPU) in place as `layout` says and move it to `device`: every rank calls it with
-        the same full model, and the device receives only this rank's part (FSDP2 moves each unit as it shards it;
-        under expert parallelism alone, the model moves once it holds only its experts)."""
+        """Split `model` (built on the meta device) in place as `layout` says, then give it storage on `device` and
+        fill this rank's part from `weights` (`weights.materialize`): no process ever holds the whole model."""
         kind = device.type
         par = cls(layout)
         W, S, N = layout.world, layout.shard, layout.expert
@@ -118,11 +119,10 @@ class Parallel:
         if S > 1:
             par.dense_mesh = _mesh(kind, (W // S, S), ("replicate", "shard"))
             par._fully_shard(model, mixed_precision)
-        else:
-            model.to(device)
-            if mixed_precision == "bf16":  # replicated weights: autocast, as accelerate's prepare does
-                model.forward = torch.autocast(kind, dtype=torch.bfloat16)(model.forward)
-        gc.collect()  # the whole weights each process loaded are gone (see `return_large_frees`)
+        elif mixed_precision == "bf16":  # replicated weights: autocast, as accelerate's prepare does
+            model.forward = torch.autocast(kind, dtype=torch.bfloat16)(model.forward)
+        materialize(model, device, weights)
+        gc.collect()
         return par
 
     def _fully_shard(self, model: nn.Module, mixed_precision: str) -> None:

@@ -29,7 +29,9 @@ from .budget import check_budget
 from .data import TokenData, load_tokens
 from .optim import Schedule
 from .options import CONTINUED, SCRATCH, TrainOptions
+from .parallel import Layout, check_layout
 from .tokenizer import ByteTokenizer, HFTokenizer, check_fits, load_tokenizer
+from .weights import CheckpointWeights, SeededWeights
 
 MOE_TYPES = MoEConfig.MODEL_TYPES  # moekit's own model_type and the checkpoint formats
 
@@ -40,37 +42,48 @@ class Source:
     description: str  # "preset mini" or the checkpoint's path
     directory: str | None  # the checkpoint directory (None for a preset)
     config: dict | None  # its config.json
+    weights: CheckpointWeights | SeededWeights | None = None  # where a model on the meta device takes its values
 
 
-def load_model(source: str, seed: int = 0, tokenizer=None) -> Source:
+def load_model(source: str, seed: int = 0, tokenizer=None, meta: bool = False) -> Source:
     """A checkpoint directory (Llama or MoE by config.json's model_type) or a preset (random init, seeded), in
     fp32 and train mode. A preset trained with a tokenizer other than bytes takes its vocabulary (rounded up to a
-    multiple of 64) and its BOS / EOS ids."""
+    multiple of 64) and its BOS / EOS ids. meta=True: the model on the meta device and the source of its values in
+    `.weights` (a checkpoint's names and shapes checked already), for `weights.materialize` once it is split."""
     if os.path.isdir(source):
         path = os.path.join(source, "config.json")
         config = read_config_json(source)  # through `inside`: never a config.json linked from elsewhere
         model_type = config.get("model_type")
         if model_type in LlamaConfig.MODEL_TYPES:
-            model = Llama.from_pretrained(source)
+            cls = Llama
         elif model_type in MOE_TYPES:
-            model = MoEForCausalLM.from_pretrained(source)
+            cls = MoEForCausalLM
         else:
             raise CheckpointError(f"{path}: model_type {shown(model_type)} cannot be trained; expected "
                                   f"{', '.join((*LlamaConfig.MODEL_TYPES, *MOE_TYPES))}")
-        return Source(model.float().train(), os.path.abspath(source), os.path.abspath(source), config)
-    torch.manual_seed(seed)
+        where = os.path.abspath(source)
+        if not meta:
+            return Source(cls.from_pretrained(source).float().train(), where, where, config)
+        with torch.device("meta"):
+            model = cls(cls.config_class.from_dict(config, source=path))
+        return Source(model.train(), where, where, config, CheckpointWeights(model, source))
     fit = {}
     if tokenizer is not None and not isinstance(tokenizer, ByteTokenizer):
         fit = dict(vocab_size=-(-tokenizer.num_ids // 64) * 64, bos_token_id=tokenizer.bos_id,
                    eos_token_id=tokenizer.eos_id)
     if source.lower() in LLAMA_PRESETS:
-        model = Llama(LlamaConfig.from_name(source, **fit))
+        cls, config = Llama, LlamaConfig.from_name(source, **fit)
     elif source.lower() in MOE_PRESETS:
-        model = MoEForCausalLM(MoEConfig.from_name(source, **fit))
+        cls, config = MoEForCausalLM, MoEConfig.from_name(source, **fit)
     else:
         raise ConfigError(f"{shown(source)}: not a checkpoint directory nor a preset; presets: "
                           f"{', '.join(sorted(LLAMA_PRESETS) + sorted(MOE_PRESETS))}")
-    return Source(model.float().train(), f"preset {source}", None, None)
+    if not meta:
+        torch.manual_seed(seed)
+        return Source(cls(config).float().train(), f"preset {source}", None, None)
+    with torch.device("meta"):
+        model = cls(config)
+    return Source(model.train(), f"preset {source}", None, None, SeededWeights(model, seed))
 
 
 def source_final_lr(directory: str | None) -> float | None:
@@ -124,9 +137,11 @@ def configure_moe(model: nn.Module, options: TrainOptions) -> None:
             setattr(model.config, name, getattr(options, option))
 
 
-def load_inputs(options: TrainOptions, accelerator) -> tuple[Source, Any, TokenData, str]:
-    """(the model, its tokenizer, the tokenised data, a description of the data), each checked against the others,
-    and the run's memory estimated (`budget`) before the data is tokenised or anything large allocated."""
+def load_inputs(options: TrainOptions, accelerator) -> tuple[Source, Layout, Any, TokenData, str]:
+    """(the model, how the processes split it, its tokenizer, the tokenised data, a description of the data), each
+    checked against the others, and the run's memory estimated (`budget`) before the data is tokenised or anything
+    large allocated. A run split across processes (--shard-degree, --expert-parallel) gets the model on the meta
+    device, for `Parallel.apply` to split and fill."""
     directory = os.path.abspath(options.model) if os.path.isdir(options.model) else None
     config = read_config_json(directory) if directory else None
     tokenizer = load_tokenizer(options.tokenizer, directory, config)
@@ -138,19 +153,21 @@ def load_inputs(options: TrainOptions, accelerator) -> tuple[Source, Any, TokenD
                               f"{'bytes tokenizer has' if tokenizer else 'data are token ids and have'} no special "
                               "tokens; give a tokenizer.json that has it")
         tokenizer.set_separator(options.doc_separator)
-    source = load_model(options.model, options.seed, tokenizer)
+    source = load_model(options.model, options.seed, tokenizer,
+                        meta=options.shard_degree > 1 or options.expert_parallel > 1)
     mcfg = source.model.config
+    layout = check_layout(accelerator.num_processes, options.shard_degree, options.expert_parallel, mcfg)
     configure_moe(source.model, options)
     if options.seq_len + 1 > mcfg.max_position_embeddings:
         raise ConfigError(f"--seq-len {options.seq_len} needs windows of {options.seq_len + 1} tokens; the model's "
                           f"max_position_embeddings is {mcfg.max_position_embeddings}")
     if tokenizer is not None:
         check_fits(tokenizer, mcfg.vocab_size)
-    check_budget(options, source.model, accelerator.num_processes, accelerator.device)
+    check_budget(options, source.model, layout, accelerator.device)
     main = accelerator.is_main_process
     with accelerator.main_process_first():  # the main process tokenises and caches; the others read the cache
         kw = dict(vocab_size=mcfg.vocab_size, text_field=options.text_field, cache_dir=options.token_cache,
                   progress=options.progress and main, write_cache=main)
         ids, data_source = load_tokens(options.data, tokenizer, **kw)
         val_ids = load_tokens(options.val_data, tokenizer, **kw)[0] if options.val_data else None
-    return source, tokenizer, TokenData(ids, options.seq_len, options.seed, options.data, val_ids), data_source
+    return source, layout, tokenizer, TokenData(ids, options.seq_len, options.seed, options.data, val_ids), data_source
