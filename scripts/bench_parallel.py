@@ -99,6 +99,7 @@ def main() -> None:
               "processes": args.processes, "steps": args.steps, "batch_size": args.batch_size,
               "seq_len": args.seq_len, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "rows": rows}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
 
 
