@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moekit.llama.config import LlamaConfig
+from moekit.llama.model import Llama
 from moekit.moe.accounting import Plan, count_params, derive
 from moekit.moe.train.source import load_model
 
@@ -48,8 +50,9 @@ if os.environ.get("STALL", "none") == os.environ.get("RANK"):  # this process ha
 from moekit import main
 sys.exit(main(["train", *sys.argv[1:]]))
 """
-COMMON = ["--seq-len", "16", "--log-every", "1", "--eval-every", "3", "--eval-batches", "2", "--no-progress",
-          "--balance", "global", "--router-bias-rate", "0.01", "--lr", "3e-3"]
+BASE = ["--seq-len", "16", "--log-every", "1", "--eval-every", "3", "--eval-batches", "2", "--no-progress",
+        "--lr", "3e-3"]
+COMMON = [*BASE, "--balance", "global", "--router-bias-rate", "0.01"]  # MoE runs
 KEYS = ("loss", "val_loss", "aux_loss", "z_loss", "grad_norm")
 
 
@@ -147,14 +150,21 @@ def test_four_processes_expert_parallel_times_sharded(trainer, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_loads_straight_into_each_process_part(trainer, tmp_path):
-    # a Mixtral-format checkpoint in bf16 (per-expert tensors): each process reads its experts and its shards from
-    # the file, in fp32, and trains as one process that read it whole
-    load_model("tiny-moe-8x2", seed=4).model.to(torch.bfloat16).save_pretrained(tmp_path / "ckpt", format="mixtral")
-    args = [str(tmp_path / "ckpt"), "--tokenizer", "bytes", "--steps", "3", "--save-dtype", "fp32", *COMMON]
+@pytest.mark.parametrize("kind", ["mixtral-bf16", "llama-tied"])
+def test_a_checkpoint_loads_straight_into_each_process_part(trainer, tmp_path, kind):
+    # a Mixtral-format checkpoint in bf16 (per-expert tensors), and a dense Llama with tied embeddings: each process
+    # reads its experts and its shards from the file, in fp32, and trains as one process that read it whole
+    if kind == "mixtral-bf16":
+        model, layout = load_model("tiny-moe-8x2", seed=4).model.to(torch.bfloat16), ["--expert-parallel", "2"]
+        model.save_pretrained(tmp_path / "ckpt", format="mixtral")
+    else:
+        torch.manual_seed(4)
+        model, layout = Llama(LlamaConfig.from_name("tiny", tie_word_embeddings=True)), []
+        model.save_pretrained(tmp_path / "ckpt")
+    args = [str(tmp_path / "ckpt"), "--tokenizer", "bytes", "--steps", "3", "--save-dtype", "fp32",
+            *(COMMON if kind == "mixtral-bf16" else BASE)]
     launch(trainer, 1, *args, "--batch-size", "4", "--out", str(tmp_path / "one"))
-    launch(trainer, 2, *args, "--batch-size", "2", "--shard-degree", "2", "--expert-parallel", "2",
-           "--out", str(tmp_path / "two"))
+    launch(trainer, 2, *args, "--batch-size", "2", "--shard-degree", "2", *layout, "--out", str(tmp_path / "two"))
     check_same_run(tmp_path / "one", tmp_path / "two")
 
 
