@@ -9,7 +9,8 @@ On disk, `qwen2_moe`:               model.layers.N.mlp.gate.weight, mlp.experts.
 Reading also accepts the fused in-memory names (gate_up_proj / down_proj) under either prefix.
 
 The small pure functions here (names, config.json) let a converter stream a checkpoint expert by expert
-without building a model; `to_disk` turns a whole in-memory state dict into either format, `disk_plan` reads either back, tensor by tensor.
+without building a model; `to_disk` turns a whole in-memory state dict into either format, `disk_plan` reads
+either back, tensor by tensor.
 """
 
 from __future__ import annotations
@@ -236,7 +237,8 @@ def disk_plan(reader, config: MoEConfig, expected: dict[str, tuple[int, ...]]) -
                        if f"model.layers.{i}.{p}.gate.weight" in reader), f"model.layers.{i}.mlp")
         if rest == "gate.e_score_correction_bias":
             disk = f"{prefix}.gate.e_score_correction_bias"
-            plan[name] = get(disk, shape) if disk in reader else lambda rows=None, s=shape: torch.zeros(s)[rows or slice(None)]
+            zeros = lambda rows=None, s=shape: torch.zeros(s)[rows or slice(None)]  # noqa: E731 (not stored: off)
+            plan[name] = get(disk, shape) if disk in reader else zeros
         elif rest == "experts.gate_up_proj":
             if f"{prefix}.experts.gate_up_proj" in reader:  # transformers-5 fused names
                 plan[name] = get(f"{prefix}.experts.gate_up_proj", shape)

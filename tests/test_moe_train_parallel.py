@@ -4,6 +4,7 @@ number of processes), and write outputs that transformers loads with the one-pro
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from moekit.llama.config import LlamaConfig
+from moekit.llama.errors import ConfigError
 from moekit.llama.model import Llama
 from moekit.moe.accounting import Plan, count_params, derive
 from moekit.moe.train.source import load_model
@@ -210,22 +212,29 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(trainer, tmp_path, befo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout, processes, expected", [
-    (["--expert-parallel", "3"], 2, "--expert-parallel 3 does not divide the 2 process(es); expected one of 1, 2"),
-    (["--shard-degree", "4"], 2, "--shard-degree 4 does not divide the 2 process(es)"),
-    (["--expert-parallel", "2"], 2, "the model has no routed experts"),
-], ids=["ep-world", "shard-world", "dense"])
-def test_impossible_layouts_are_one_line_before_any_step(trainer, tmp_path, layout, processes, expected):
-    model = "tiny" if "routed" in expected else "tiny-moe"
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), trainer,
-           model, "--steps", "2", *layout, "--out", str(tmp_path / "x")]
+def test_an_impossible_layout_is_one_line_from_each_process_before_any_step(trainer, tmp_path):
+    expected = "--expert-parallel 3 does not divide the 2 process(es); expected one of 1, 2"
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", trainer,
+           "tiny-moe", "--steps", "2", "--expert-parallel", "3", "--out", str(tmp_path / "x")]
     done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0 and expected in done.stderr, done.stderr[-2000:]
     # one error from each process (their lines may interleave on the shared stderr)
-    assert done.stderr.count("moekit train: error:") == done.stderr.count(expected) == processes, \
-        done.stderr[-2000:]
+    assert done.stderr.count("moekit train: error:") == done.stderr.count(expected) == 2, done.stderr[-2000:]
     assert "]: Traceback" not in done.stderr and not os.listdir(tmp_path)  # torchrun's own report aside
+
+
+@pytest.mark.parametrize("world, shard, expert, preset, expected", [
+    (2, 1, 3, "tiny-moe", "--expert-parallel 3 does not divide the 2 process(es); expected one of 1, 2"),
+    (2, 4, 1, "tiny-moe", "--shard-degree 4 does not divide the 2 process(es); expected one of 1, 2"),
+    (2, 1, 2, "tiny", "--expert-parallel 2: the model has no routed experts (a dense llama); expected an MoE model"),
+    (6, 1, 3, "tiny-moe", "--expert-parallel 3 does not divide the model's 4 experts; expected a divisor of 4"),
+], ids=["ep-world", "shard-world", "dense", "ep-experts"])
+def test_impossible_layouts_name_the_degree_and_what_would_do(world, shard, expert, preset, expected):
+    from moekit.moe.train.parallel import check_layout
+
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        check_layout(world, shard, expert, load_model(preset, meta=True).model.config)
 
 
 def test_accelerates_fsdp_plugin_is_refused_for_the_flag(capsys, tmp_path, monkeypatch):
@@ -237,12 +246,7 @@ def test_accelerates_fsdp_plugin_is_refused_for_the_flag(capsys, tmp_path, monke
     assert not os.listdir(tmp_path)
 
 
-def test_experts_that_do_not_divide_are_refused(capsys, tmp_path):
-    from moekit.moe.config import MoEConfig
-    from moekit.moe.train.parallel import check_layout
-
-    with pytest.raises(Exception, match="--expert-parallel 3 does not divide the model's 4 experts"):
-        check_layout(6, 1, 3, MoEConfig(**{**MoEConfig.PRESETS["tiny-moe"]}))
+def test_fp16_with_sharding_is_refused(capsys, tmp_path):
     err = one_line_error(capsys, "train", "tiny-moe", "--shard-degree", "2", "--mixed-precision", "fp16",
                          "--out", str(tmp_path / "x"))
     assert "--shard-degree with --mixed-precision fp16" in err and not os.listdir(tmp_path)

@@ -161,7 +161,7 @@ def start_run(options: TrainOptions, accelerator, work: WorkDir | None, log=None
     from accelerate.utils import set_seed
 
     if (options.shard_degree > 1 or options.expert_parallel > 1) and accelerator.device.type == "cpu":
-        return_large_frees()  # before the whole model is loaded, to be split
+        return_large_frees()  # before anything large is allocated
     source, layout, tokenizer, data, data_source = load_inputs(options, accelerator)
     schedule = make_schedule(options, source)
     flops_per_token = train_flops_per_token(source.model, options.seq_len)
