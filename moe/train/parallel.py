@@ -242,9 +242,10 @@ def persistent_buffers(module: nn.Module, prefix: str = ""):
 
 def return_large_frees() -> None:
     """glibc: allocations of 1 MiB and more straight from mmap, so that a freed tensor returns to the system at
-    once (set before a sharded or expert-parallel CPU run loads its model). The heap otherwise keeps freed pages,
-    and the run's resident memory would still count the whole model it loaded and every step's gathered layers
-    (a 254M-parameter model sharded over 2 processes: a 4.25 GB peak without, 2.97 GB with; BENCHMARKS.md)."""
+    once (set before a sharded or expert-parallel CPU run allocates anything large). The heap otherwise keeps freed
+    pages, and the run's resident memory would still count every step's gathered layers and the whole tensors read
+    while loading (a 254M-parameter model sharded over 2 processes: a 4.03 GB peak without, 2.96 GB with;
+    BENCHMARKS.md)."""
     import ctypes
     import ctypes.util
 
