@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -6,8 +7,16 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="moekit-tests-cache-")  # tokenised data of this run only
+SESSION_DIR = tempfile.mkdtemp(prefix="moekit-tests-")  # removed when the session ends
+for var, sub in (("XDG_CACHE_HOME", "cache"),  # tokenised data of this run only
+                 ("TMPDIR", "tmp")):  # child processes' temporary files (torchrun's logs); this process keeps its own
+    os.environ[var] = os.path.join(SESSION_DIR, sub)
+    os.mkdir(os.environ[var])
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

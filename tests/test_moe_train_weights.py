@@ -4,6 +4,7 @@ equals the model loaded whole."""
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from moekit.llama.checkpoint import CheckpointReader
 from moekit.llama.config import LlamaConfig
@@ -64,10 +65,13 @@ def test_a_split_preset_takes_its_part_of_the_whole_values():
         assert torch.equal(t, whole[name][2:4] if is_routed_expert(name) else whole[name]), name
 
 
-@pytest.mark.parametrize("format", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("format", ["mixtral", "qwen2_moe", "fused"])
 def test_a_rank_reads_only_its_experts_from_a_checkpoint(tmp_path, format, monkeypatch):
     model = load_model("tiny-moe-shared" if format == "qwen2_moe" else "tiny-moe-8x2", seed=5).model
-    model.to(torch.bfloat16).save_pretrained(tmp_path / "ckpt", format=format)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "ckpt", format="mixtral" if format == "fused" else format)
+    if format == "fused":  # transformers-5 names: each layer's experts one [E, 2F, H] and one [E, H, F] tensor
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("correction_bias")},
+                  tmp_path / "ckpt" / "model.safetensors")
     whole = state(load_model(str(tmp_path / "ckpt")).model)  # fp32 from the bf16 file
     read, get = [], CheckpointReader.get
 
