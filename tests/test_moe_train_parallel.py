@@ -152,22 +152,29 @@ def test_four_processes_expert_parallel_times_sharded(trainer, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["mixtral-bf16", "llama-tied"])
-def test_a_checkpoint_loads_straight_into_each_process_part(trainer, tmp_path, kind):
-    # a Mixtral-format checkpoint in bf16 (per-expert tensors), and a dense Llama with tied embeddings: each process
-    # reads its experts and its shards from the file, in fp32, and trains as one process that read it whole
-    if kind == "mixtral-bf16":
-        model, layout = load_model("tiny-moe-8x2", seed=4).model.to(torch.bfloat16), ["--expert-parallel", "2"]
-        model.save_pretrained(tmp_path / "ckpt", format="mixtral")
-    else:
-        torch.manual_seed(4)
-        model, layout = Llama(LlamaConfig.from_name("tiny", tie_word_embeddings=True)), []
-        model.save_pretrained(tmp_path / "ckpt")
-    args = [str(tmp_path / "ckpt"), "--tokenizer", "bytes", "--steps", "3", "--save-dtype", "fp32",
-            *(COMMON if kind == "mixtral-bf16" else BASE)]
+def test_a_checkpoint_loads_straight_into_each_process_part(trainer, tmp_path):
+    # a dense Llama with tied embeddings: each process reads its shards from the file and trains as one process
+    # that read it whole (per-expert and fused MoE files, read for a rank's experts only: test_moe_train_weights.py)
+    torch.manual_seed(4)
+    Llama(LlamaConfig.from_name("tiny", tie_word_embeddings=True)).save_pretrained(tmp_path / "ckpt")
+    args = [str(tmp_path / "ckpt"), "--tokenizer", "bytes", "--steps", "3", "--save-dtype", "fp32", *BASE]
     launch(trainer, 1, *args, "--batch-size", "4", "--out", str(tmp_path / "one"))
-    launch(trainer, 2, *args, "--batch-size", "2", "--shard-degree", "2", *layout, "--out", str(tmp_path / "two"))
+    launch(trainer, 2, *args, "--batch-size", "2", "--shard-degree", "2", "--out", str(tmp_path / "two"))
     check_same_run(tmp_path / "one", tmp_path / "two")
+
+
+# every forward sees the same 2 sequences whatever the number of processes (one process: --grad-accum 2, as a resume
+# into one process adjusts it), and the balancing loss counts them alone (--balance micro)
+RESUMED = ["tiny-moe-idle", "--steps", "8", "--batch-size", "2", *COMMON, "--balance", "micro"]
+ONE = ["--grad-accum", "2", "--eval-batches", "4"]
+
+
+@pytest.fixture(scope="module")
+def whole(trainer, tmp_path_factory):
+    """The uninterrupted one-process run of RESUMED, which every interrupted and resumed run must equal."""
+    out = tmp_path_factory.mktemp("whole") / "whole"
+    launch(trainer, 1, *RESUMED, *ONE, "--out", str(out))
+    return out
 
 
 def kill_after_state(child, state, step: int, marker: str) -> None:
@@ -193,19 +200,14 @@ def kill_after_state(child, state, step: int, marker: str) -> None:
     ((2, ["--expert-parallel", "2"]), (1, [])),  # a sharded state into one process
     ((1, []), (2, ["--shard-degree", "2", "--expert-parallel", "2"])),  # a replicated state into both
 ], ids=["shard-2", "ep-2-into-1", "1-into-shard-ep"])
-def test_kill_9_then_resume_equals_the_uninterrupted_run(trainer, tmp_path, before, after):
-    # every forward sees the same 2 sequences whatever the number of processes (one process: --grad-accum 2, as a
-    # resume into one process adjusts it), and the balancing loss counts them alone (--balance micro)
-    args = ["tiny-moe-idle", "--steps", "8", "--batch-size", "2", "--save-every", "3", *COMMON, "--balance", "micro"]
-    one = ["--grad-accum", "2", "--eval-batches", "4"]
-    launch(trainer, 1, *args, *one, "--out", str(tmp_path / "whole"))
+def test_kill_9_then_resume_equals_the_uninterrupted_run(trainer, whole, tmp_path, before, after):
     (n, layout), out = before, tmp_path / "cut"
-    child = launch(trainer, n, *args, *layout, *(one if n == 1 else []), "--out", str(out), env={"SLOW": "1"},
-                   wait=False)
+    child = launch(trainer, n, *RESUMED, "--save-every", "3", *layout, *(ONE if n == 1 else []), "--out", str(out),
+                   env={"SLOW": "1"}, wait=False)
     kill_after_state(child, tmp_path / "cut.partial" / "state", 3, str(out))
     n, layout = after
     done = launch(trainer, n, "--resume", "--out", str(out), *layout)
-    check_same_run(tmp_path / "whole", out)
+    check_same_run(whole, out)
     if before[0] != after[0]:
         assert f"resuming with {after[0]} process(es) instead of {before[0]}" in done.stdout, done.stdout
     assert "state" not in os.listdir(out)
@@ -264,19 +266,17 @@ def test_activation_checkpointing_gives_the_plain_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_damaged_sharded_state_falls_back_to_the_previous_one(trainer, tmp_path):
-    args = ["tiny-moe-idle", "--steps", "8", "--batch-size", "2", "--save-every", "2", "--keep-last", "3", *COMMON,
-            "--balance", "micro"]
-    launch(trainer, 1, *args, "--grad-accum", "2", "--eval-batches", "4", "--out", str(tmp_path / "whole"))
+def test_a_damaged_sharded_state_falls_back_to_the_previous_one(trainer, whole, tmp_path):
     out, state = tmp_path / "cut", tmp_path / "cut.partial" / "state"
-    child = launch(trainer, 2, *args, "--shard-degree", "2", "--out", str(out), env={"SLOW": "1"}, wait=False)
+    child = launch(trainer, 2, *RESUMED, "--save-every", "2", "--keep-last", "3", "--shard-degree", "2",
+                   "--out", str(out), env={"SLOW": "1"}, wait=False)
     kill_after_state(child, state, 4, str(out))
     shard = state / "step-000004" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:100])  # cut, as a full disk or a kill mid-write leaves it
     done = launch(trainer, 1, "--resume", "--out", str(out))
     assert "step-000004" in done.stdout and "resuming from the previous complete state, step 2" in done.stdout, \
         done.stdout
-    check_same_run(tmp_path / "whole", out)
+    check_same_run(whole, out)
 
 
 @pytest.mark.slow
