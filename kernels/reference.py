@@ -5,6 +5,8 @@ T tokens, k copies per token, E experts, H hidden, F expert width, M = T*k token
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -30,9 +32,23 @@ def grouped_mm(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tens
     if x_sorted.shape[0] == 0:
         return x_sorted.new_zeros(0, weight.shape[1])
     w_t = weight.transpose(-2, -1)  # [E, in, out]
-    if not (_aligned(x_sorted) and _aligned(w_t)):  # torch's grouped_mm needs 16-byte aligned strides, fp32/16
-        return grouped_mm_loop(x_sorted, weight, offsets)
+    if not (_aligned(x_sorted) and _aligned(w_t) and _torch_grouped_mm(x_sorted.device.type, x_sorted.dtype)):
+        return grouped_mm_loop(x_sorted, weight, offsets)  # torch's needs 16-byte aligned strides, fp32/16
     return F.grouped_mm(x_sorted, w_t, offs=offsets)
+
+
+@functools.cache
+def _torch_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this torch's F.grouped_mm runs `dtype` on `device_type` (2.13 runs fp32, fp16 and bf16 on the CPU and
+    CUDA; older releases lack it, or take bf16 on CUDA only); where it does not, the per-expert loop."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    try:
+        a, b = (torch.zeros(*shape, dtype=dtype, device=device_type) for shape in ((16, 16), (2, 16, 16)))
+        F.grouped_mm(a, b, offs=torch.tensor([8, 16], dtype=torch.int32, device=device_type))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -65,7 +81,7 @@ def unpermute(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor
 def grouped_mm_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """a [M, p], b [M, q], offsets [E] -> [E, p, q]: per expert e, a_e^T @ b_e over its rows (zeros if none)."""
     E = offsets.shape[0]
-    if a.shape[0] and _aligned(a.t()) and _aligned(b):
+    if a.shape[0] and _aligned(a.t()) and _aligned(b) and _torch_grouped_mm(a.device.type, a.dtype):
         return F.grouped_mm(a.t(), b, offs=offsets)
     out, start = a.new_zeros(E, a.shape[1], b.shape[1]), 0
     for e, end in enumerate(offsets.tolist()):

@@ -29,6 +29,23 @@ def test_cpu_tensors_take_the_reference_path():
     assert torch.equal(kernels.unpermute(xs, order, weights), reference.unpermute(xs, order, weights))
 
 
+def test_a_torch_without_grouped_mm_takes_the_per_expert_loop(monkeypatch):
+    x, weights, ids, gate_up, down = _layer()
+    order, _, offsets = kernels.routing_metadata(ids, 4)
+    xs = kernels.permute(x, order, 2)
+    with_torch = reference.grouped_mm(xs, gate_up, offsets)
+    monkeypatch.delattr(reference.F, "grouped_mm")  # as in releases before it, or one that refuses the dtype
+    reference._torch_grouped_mm.cache_clear()
+    try:
+        assert torch.allclose(reference.grouped_mm(xs, gate_up, offsets), with_torch, atol=1e-5)
+        g = torch.randn(xs.shape[0], 24)
+        assert torch.allclose(reference.grouped_mm_weight_grad(xs, g, offsets),
+                              torch.stack([xs[a:b].T @ g[a:b] for a, b in zip([0, *offsets[:-1]], offsets)]),
+                              atol=1e-5)
+    finally:
+        reference._torch_grouped_mm.cache_clear()
+
+
 def test_backend_errors():
     x, weights, ids, gate_up, down = _layer()
     with pytest.raises(ValueError, match="backend must be one of"):
