@@ -50,10 +50,11 @@ from .metrics import (
 )
 from .optim import Schedule, make_optimizer
 from .options import TrainOptions
-from .parallel import Parallel, persistent_buffers, resharded, return_large_frees
+from .parallel import Parallel, resharded, return_large_frees
 from .resume import real_paths, restore, resume_command, resumed_options
 from .source import Source, load_inputs, make_schedule
 from .state import WorkDir, gathered, save_complete, saved_dtype, write_json
+from .weights import persistent_buffers
 
 
 class TrainingDiverged(MoekitError):

@@ -28,7 +28,7 @@ from moekit.llama.errors import ConfigError
 from moekit.moe.expert_parallel import ExpertGroup
 from moekit.moe.experts import SwiGLUExperts
 
-from .weights import materialize
+from .weights import materialize, persistent_buffers
 
 
 @dataclass(frozen=True)
@@ -232,13 +232,6 @@ def _persistent(module: nn.Module, prefix: str):
     yield from module.named_parameters(prefix)
     yield from persistent_buffers(module, prefix)
 
-
-def persistent_buffers(module: nn.Module, prefix: str = ""):
-    """(full name, buffer) of the buffers `module`'s state_dict holds (the routers' bias; not rotary tables)."""
-    for mod_prefix, mod in module.named_modules(prefix=prefix):
-        for name, b in mod._buffers.items():
-            if b is not None and name not in mod._non_persistent_buffers_set:
-                yield f"{mod_prefix}.{name}" if mod_prefix else name, b
 
 def return_large_frees() -> None:
     """glibc: allocations of 1 MiB and more straight from mmap, so that a freed tensor returns to the system at

@@ -18,7 +18,8 @@ import warnings
 import torch
 from torch import nn
 
-from .parallel import is_routed_expert, persistent_buffers, resharded
+from .parallel import is_routed_expert, resharded
+from .weights import persistent_buffers
 
 
 def _expert_view(t: torch.Tensor, j: int) -> torch.Tensor:

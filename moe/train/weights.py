@@ -101,7 +101,8 @@ class SeededWeights:
 def materialize(model: nn.Module, device: torch.device, weights) -> None:
     """Give `model` (built on the meta device: whole, or split by `parallel`) its storage on `device` and its
     values from `weights` (name, rows -> whole tensor): a routed expert tensor only for this rank's experts
-    (`SwiGLUExperts.ep`), a sharded one (a DTensor) only this rank's part of it; rotary tables recomputed."""
+    (`SwiGLUExperts.ep`), a sharded one (a DTensor) only this rank's part of it; rotary tables recomputed; then
+    `weights` closed."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     model.to_empty(device=device)
@@ -136,12 +137,16 @@ def _named_tensors(model: nn.Module):
         yield from _direct_tensors(m, module_name)
 
 
+def persistent_buffers(module: nn.Module, prefix: str = "", recurse: bool = True):
+    """(full name, buffer) of the buffers `module`'s state_dict holds (the routers' bias; not rotary tables);
+    recurse=False: its own, not its children's."""
+    for mod_prefix, mod in module.named_modules(prefix=prefix) if recurse else [(prefix, module)]:
+        for name, b in mod._buffers.items():
+            if b is not None and name not in mod._non_persistent_buffers_set:
+                yield f"{mod_prefix}.{name}" if mod_prefix else name, b
+
+
 def _direct_tensors(m: nn.Module, prefix: str):
     """(full name, tensor) of `m`'s own parameters and persistent buffers (not its children's)."""
-    join = lambda n: f"{prefix}.{n}" if prefix else n  # noqa: E731
-    for name, p in m._parameters.items():
-        if p is not None:
-            yield join(name), p
-    for name, b in m._buffers.items():
-        if b is not None and name not in m._non_persistent_buffers_set:
-            yield join(name), b
+    yield from m.named_parameters(prefix, recurse=False)
+    yield from persistent_buffers(m, prefix, recurse=False)
